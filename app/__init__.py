@@ -1,0 +1,1 @@
+"""ctbalancer: a certificate-pinning REST balancer for threat-intelligence matching instances."""

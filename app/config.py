@@ -1,0 +1,506 @@
+"""Read ``kl_balancer.conf`` once, validate it, and return frozen objects.
+
+This module imports nothing but the standard library and lxml, so that
+``gunicorn.conf.py`` can read the server settings in the master process
+without loading ssl or urllib3 before the gevent worker patches them
+(DESIGN section 7).
+
+Every problem is reported as one :class:`ConfigError` naming the file, the
+line, the element or attribute, the bad value and what was expected.
+The parser resolves no entities, loads no DTD and never touches the network;
+a document type declaration is refused outright.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from lxml import etree
+
+DEFAULT_PATH = "config/kl_balancer.conf"
+ENV_VAR = "BALANCER_CONFIG"
+
+#: Larger files are refused before parsing: a real configuration is a few KiB.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+#: Methods an AllowedRequests entry may name. CONNECT and TRACE are not
+#: forwardable through a reverse proxy and are refused on purpose.
+ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+#: Paths under this prefix belong to the balancer itself (DESIGN section 6).
+RESERVED_PREFIX = "/_balancer/"
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# RFC 3986 pchar without "%": a literal path in the configuration is matched
+# against the decoded request path, so an escape in it would be ambiguous.
+_LITERAL_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@]+")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` is the one-line reason."""
+
+    def __init__(self, path: Path | str, line: int | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        where = f"{self.path}:{line}" if line else self.path
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class BalancerSpec:
+    """The ``Balancer`` element: where the REST front door listens."""
+
+    address: str
+    api_port: int
+    matching_port: int
+    cybertrace_port: int
+    scanners_count: int
+
+    @property
+    def bind(self) -> str:
+        """The address in the form gunicorn's ``bind`` takes."""
+        if ":" in self.address:
+            return f"[{self.address}]:{self.api_port}"
+        return f"{self.address}:{self.api_port}"
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One ``Instances/Instance`` element."""
+
+    host: str
+    api_port: int
+    matching_port: int
+    enabled: bool
+    line: int = field(default=0, compare=False)
+
+    @property
+    def name(self) -> str:
+        """``HOST:PORT`` with the port the balancer connects to."""
+        if ":" in self.host:
+            return f"[{self.host}]:{self.api_port}"
+        return f"{self.host}:{self.api_port}"
+
+    @property
+    def base_url(self) -> str:
+        """The URL prefix requests to this instance start with."""
+        return f"https://{self.name}/"
+
+    @property
+    def reference_name(self) -> str:
+        """File name of the reference certificate (the seed's INSTANCE_CT_PORT.pem)."""
+        return f"{self.host}_{self.matching_port}.pem"
+
+
+@dataclass(frozen=True)
+class AllowedRequest:
+    """One ``AllowedRequests/Request`` element."""
+
+    method: str
+    path: str
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds allowed for the hop to an instance."""
+
+    connect: float = 5.0
+    read: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    path: Path
+    balancer: BalancerSpec
+    cert_dir: Path
+    instances: tuple[InstanceSpec, ...]
+    allowed: tuple[AllowedRequest, ...]
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    timeouts: Timeouts = Timeouts()
+    workers: int = 2
+    event_delimiter: str | None = None
+
+    @property
+    def enabled_instances(self) -> tuple[InstanceSpec, ...]:
+        return tuple(i for i in self.instances if i.enabled)
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+def config_path(environ: os._Environ[str] | dict[str, str] | None = None) -> Path:
+    """The configuration file named by ``BALANCER_CONFIG``, or the default."""
+    environ = os.environ if environ is None else environ
+    return Path(environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def load(path: Path | str | None = None) -> Config:
+    """Read, parse and validate the configuration file at *path*."""
+    path = Path(path) if path is not None else config_path()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(path, None, f"cannot read the configuration: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            path, None, f"file is larger than {MAX_CONFIG_BYTES} bytes; expected a configuration of a few KiB"
+        )
+    return _Reader(path, data).read()
+
+
+def _parser() -> etree.XMLParser:
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        load_dtd=False,
+        dtd_validation=False,
+        huge_tree=False,
+        remove_pis=True,
+    )
+
+
+# Elements of the root, in the vendor's order, with the reader of each.
+_ROOT_ELEMENTS = (
+    "Balancer",
+    "SSLCertificatePath",
+    "SSLPrivateKeyPath",
+    "CertDirPath",
+    "EventDelimiter",
+    "Instances",
+    "AllowedRequests",
+    "Timeouts",
+    "Workers",
+)
+
+
+class _Reader:
+    """Walks one parsed document and builds :class:`Config`, or raises."""
+
+    def __init__(self, path: Path, data: bytes) -> None:
+        self.path = path
+        self.data = data
+        self.base = path.resolve().parent
+
+    def fail(self, line: int | None, message: str) -> ConfigError:
+        return ConfigError(self.path, line, message)
+
+    # -- document ------------------------------------------------------------
+
+    def parse(self) -> etree._Element:
+        if not self.data.strip():
+            raise self.fail(None, "file is empty; expected an XML document")
+        try:
+            root = etree.fromstring(self.data, _parser())
+        except etree.XMLSyntaxError as exc:
+            raise self.fail(exc.lineno, f"malformed XML: {exc.msg}") from exc
+        docinfo = root.getroottree().docinfo
+        if docinfo.doctype or docinfo.internalDTD is not None:
+            raise self.fail(1, "a DOCTYPE is not allowed (entities and DTDs are refused)")
+        return root
+
+    def read(self) -> Config:
+        root = self.parse()
+        found: dict[str, list[etree._Element]] = {}
+        for el in _children(root):
+            if el.tag not in _ROOT_ELEMENTS:
+                raise self.fail(
+                    el.sourceline,
+                    f"unknown element <{el.tag}>; expected one of: {', '.join(_ROOT_ELEMENTS)}",
+                )
+            found.setdefault(el.tag, []).append(el)
+        for tag, els in found.items():
+            if len(els) > 1:
+                raise self.fail(els[1].sourceline, f"<{tag}> appears twice; expected it once")
+
+        def one(tag: str) -> etree._Element | None:
+            return found.get(tag, [None])[0]
+
+        balancer_el = one("Balancer")
+        if balancer_el is None:
+            raise self.fail(root.sourceline, "missing <Balancer>; expected exactly one")
+        balancer = self.balancer(balancer_el)
+        tls_cert, tls_key = self.tls(one("SSLCertificatePath"), one("SSLPrivateKeyPath"), root)
+        cert_dir_el = one("CertDirPath")
+        if cert_dir_el is None:
+            raise self.fail(root.sourceline, "missing <CertDirPath>; expected the directory of reference certificates")
+        cert_dir = self.resolve(self.text(cert_dir_el, "a directory path"))
+        instances_el = one("Instances")
+        if instances_el is None:
+            raise self.fail(root.sourceline, "missing <Instances>; expected at least one <Instance>")
+        instances = self.instances(instances_el)
+        allowed_el = one("AllowedRequests")
+        allowed = self.allowed(allowed_el) if allowed_el is not None else ()
+        timeouts = self.timeouts(one("Timeouts"))
+        workers_el = one("Workers")
+        workers = 2
+        if workers_el is not None:
+            self.no_attributes(workers_el)
+            workers = self.integer(workers_el, None, self.text(workers_el, "a number of workers"), 1, 64)
+        delimiter_el = one("EventDelimiter")
+        delimiter = None
+        if delimiter_el is not None:
+            self.no_attributes(delimiter_el)
+            delimiter = delimiter_el.text or ""
+        return Config(
+            path=self.path,
+            balancer=balancer,
+            cert_dir=cert_dir,
+            instances=instances,
+            allowed=allowed,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            timeouts=timeouts,
+            workers=workers,
+            event_delimiter=delimiter,
+        )
+
+    # -- elements ------------------------------------------------------------
+
+    def balancer(self, el: etree._Element) -> BalancerSpec:
+        attrs = self.attributes(el, required=("api_port", "matching_port", "cybertrace_port", "scanners_count"))
+        address = self.text(el, "the address to listen on")
+        if not _is_host(address):
+            raise self.fail(
+                el.sourceline,
+                f"<Balancer> address {address!r} is not valid; expected an IPv4 or IPv6 address or a host name",
+            )
+        return BalancerSpec(
+            address=address,
+            api_port=self.port(el, "api_port", attrs["api_port"]),
+            matching_port=self.port(el, "matching_port", attrs["matching_port"]),
+            cybertrace_port=self.port(el, "cybertrace_port", attrs["cybertrace_port"]),
+            scanners_count=self.integer(el, "scanners_count", attrs["scanners_count"], 1, 100),
+        )
+
+    def tls(
+        self, cert_el: etree._Element | None, key_el: etree._Element | None, root: etree._Element
+    ) -> tuple[Path | None, Path | None]:
+        if cert_el is None and key_el is None:
+            return None, None
+        if cert_el is None or key_el is None:
+            el = cert_el if cert_el is not None else key_el
+            missing = "SSLPrivateKeyPath" if cert_el is not None else "SSLCertificatePath"
+            raise self.fail(
+                el.sourceline,  # type: ignore[union-attr]
+                f"<{el.tag}> is set but <{missing}> is missing; expected both (HTTPS) or neither (plain HTTP)",  # type: ignore[union-attr]
+            )
+        paths = []
+        for el in (cert_el, key_el):
+            self.no_attributes(el)
+            p = self.resolve(self.text(el, "a file path"))
+            if not p.is_file() or not os.access(p, os.R_OK):
+                raise self.fail(el.sourceline, f"<{el.tag}> {str(p)!r} is not a readable file; expected a PEM file")
+            paths.append(p)
+        return paths[0], paths[1]
+
+    def instances(self, parent: etree._Element) -> tuple[InstanceSpec, ...]:
+        self.no_attributes(parent)
+        result: list[InstanceSpec] = []
+        seen_ref: dict[tuple[str, int], int] = {}
+        seen_api: dict[tuple[str, int], int] = {}
+        for el in _children(parent):
+            if el.tag != "Instance":
+                raise self.fail(el.sourceline, f"unknown element <{el.tag}> in <Instances>; expected <Instance>")
+            attrs = self.attributes(el, required=("api_port", "matching_port"), optional=("enabled",))
+            host = self.text(el, "a host name or IP address")
+            if not _is_host(host):
+                raise self.fail(
+                    el.sourceline,
+                    f"<Instance> host {host!r} is not valid; expected a host name or an IPv4 or IPv6 address",
+                )
+            inst = InstanceSpec(
+                host=host,
+                api_port=self.port(el, "api_port", attrs["api_port"]),
+                matching_port=self.port(el, "matching_port", attrs["matching_port"]),
+                enabled=self.boolean(el, "enabled", attrs.get("enabled", "true")),
+                line=el.sourceline or 0,
+            )
+            for seen, key, what in (
+                (seen_ref, (inst.host, inst.matching_port), f"host {host!r} and matching_port {inst.matching_port}"),
+                (seen_api, (inst.host, inst.api_port), f"host {host!r} and api_port {inst.api_port}"),
+            ):
+                if key in seen:
+                    raise self.fail(
+                        el.sourceline, f"<Instance> {what} repeat the instance on line {seen[key]}; expected each once"
+                    )
+                seen[key] = inst.line
+            result.append(inst)
+        if not result:
+            raise self.fail(parent.sourceline, "<Instances> is empty; expected at least one <Instance>")
+        return tuple(result)
+
+    def allowed(self, parent: etree._Element) -> tuple[AllowedRequest, ...]:
+        self.no_attributes(parent)
+        result: list[AllowedRequest] = []
+        seen: dict[tuple[str, str], int] = {}
+        for el in _children(parent):
+            if el.tag != "Request":
+                raise self.fail(el.sourceline, f"unknown element <{el.tag}> in <AllowedRequests>; expected <Request>")
+            attrs = self.attributes(el, required=("method",))
+            method = attrs["method"]
+            if method not in ALLOWED_METHODS:
+                raise self.fail(
+                    el.sourceline,
+                    f"<Request> attribute method={method!r} is not allowed; expected one of: {', '.join(ALLOWED_METHODS)}",
+                )
+            path = self.text(el, "a path starting with /")
+            problem = _path_problem(path)
+            if problem:
+                raise self.fail(el.sourceline, f"<Request> path {path!r} {problem}")
+            key = (method, path)
+            if key in seen:
+                raise self.fail(el.sourceline, f"<Request> {method} {path} repeats line {seen[key]}; expected each once")
+            seen[key] = el.sourceline or 0
+            result.append(AllowedRequest(method=method, path=path, line=el.sourceline or 0))
+        return tuple(result)
+
+    def timeouts(self, el: etree._Element | None) -> Timeouts:
+        if el is None:
+            return Timeouts()
+        attrs = self.attributes(el, optional=("connect", "read"))
+        self.no_text(el)
+        defaults = Timeouts()
+        return Timeouts(
+            connect=self.seconds(el, "connect", attrs.get("connect"), defaults.connect),
+            read=self.seconds(el, "read", attrs.get("read"), defaults.read),
+        )
+
+    # -- values --------------------------------------------------------------
+
+    def attributes(
+        self, el: etree._Element, required: Iterable[str] = (), optional: Iterable[str] = ()
+    ) -> dict[str, str]:
+        required = tuple(required)
+        known = required + tuple(optional)
+        attrs = {str(k): str(v) for k, v in el.attrib.items()}
+        for name in attrs:
+            if name not in known:
+                expected = ", ".join(known) if known else "none"
+                raise self.fail(
+                    el.sourceline, f"<{el.tag}> has unknown attribute {name!r}; expected: {expected}"
+                )
+        for name in required:
+            if name not in attrs:
+                raise self.fail(el.sourceline, f"<{el.tag}> is missing attribute {name!r}")
+        return attrs
+
+    def no_attributes(self, el: etree._Element) -> None:
+        self.attributes(el)
+
+    def no_text(self, el: etree._Element) -> None:
+        if (el.text or "").strip():
+            raise self.fail(el.sourceline, f"<{el.tag}> has text {el.text.strip()!r}; expected only attributes")
+
+    def text(self, el: etree._Element, expected: str) -> str:
+        for child in _children(el):
+            raise self.fail(child.sourceline, f"unknown element <{child.tag}> in <{el.tag}>; expected {expected}")
+        value = (el.text or "").strip()
+        if not value:
+            raise self.fail(el.sourceline, f"<{el.tag}> is empty; expected {expected}")
+        return value
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.base / p
+
+    def integer(self, el: etree._Element, attr: str | None, value: str, low: int, high: int) -> int:
+        what = f"<{el.tag}> attribute {attr}={value!r}" if attr else f"<{el.tag}> value {value!r}"
+        if not re.fullmatch(r"[0-9]{1,9}", value.strip()):
+            raise self.fail(el.sourceline, f"{what} is not a whole number; expected {low} to {high}")
+        number = int(value)
+        if not low <= number <= high:
+            raise self.fail(el.sourceline, f"{what} is out of range; expected {low} to {high}")
+        return number
+
+    def port(self, el: etree._Element, attr: str, value: str) -> int:
+        return self.integer(el, attr, value, 1, 65535)
+
+    def boolean(self, el: etree._Element, attr: str, value: str) -> bool:
+        if value in ("true", "false"):
+            return value == "true"
+        raise self.fail(el.sourceline, f"<{el.tag}> attribute {attr}={value!r} is not a boolean; expected true or false")
+
+    def seconds(self, el: etree._Element, attr: str, value: str | None, default: float) -> float:
+        if value is None:
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not 0 < number <= 3600:
+            raise self.fail(
+                el.sourceline, f"<{el.tag}> attribute {attr}={value!r} is not valid; expected seconds, above 0 and at most 3600"
+            )
+        return number
+
+
+def _children(el: etree._Element) -> Iterator[etree._Element]:
+    """Child elements, skipping comments and processing instructions."""
+    return (c for c in el if isinstance(c.tag, str))
+
+
+def _is_host(value: str) -> bool:
+    """True for an IP address or an RFC 1123 host name (safe as a file name part)."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        pass
+    name = value[:-1] if value.endswith(".") else value
+    return 0 < len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.split("."))
+
+
+def _path_problem(path: str) -> str | None:
+    """Why *path* cannot be an AllowedRequests path, or None when it can."""
+    if not path.startswith("/"):
+        return "does not start with '/'; expected an absolute path such as /api/v.1.1/suppliers"
+    if path.startswith(RESERVED_PREFIX) or path == RESERVED_PREFIX.rstrip("/"):
+        return f"is reserved for the balancer ({RESERVED_PREFIX}); expected another path"
+    if path == "/":
+        return None
+    names: list[str] = []
+    body = path[1:-1] if path.endswith("/") else path[1:]
+    for segment in body.split("/"):
+        if segment == "":
+            return "has an empty segment ('//'); expected segments separated by single '/'"
+        if segment in (".", ".."):
+            return "has a dot segment; expected plain segments"
+        placeholder = _PLACEHOLDER.fullmatch(segment)
+        if placeholder:
+            if placeholder.group(1) in names:
+                return f"repeats placeholder {{{placeholder.group(1)}}}; expected distinct names"
+            names.append(placeholder.group(1))
+            continue
+        if not _LITERAL_SEGMENT.fullmatch(segment):
+            return (
+                f"has segment {segment!r} with characters that are not allowed; expected letters, digits, "
+                "-._~!$&'()*+,;=:@ or a whole-segment {name}"
+            )
+    return None
+
+
+__all__ = [
+    "ALLOWED_METHODS",
+    "AllowedRequest",
+    "BalancerSpec",
+    "Config",
+    "ConfigError",
+    "InstanceSpec",
+    "RESERVED_PREFIX",
+    "Timeouts",
+    "config_path",
+    "load",
+]

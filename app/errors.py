@@ -1,0 +1,178 @@
+"""Errors the balancer answers itself, each with its status and stable code.
+
+::
+
+    BalancerError                      any failure the client is told about
+    +-- RequestRefused                 the request itself cannot pass (4xx)
+    |   +-- InvalidPath                400 a path that could mean another path
+    |   +-- RequestNotAllowed          404 not in AllowedRequests
+    |   +-- MethodNotAllowed           405 path allowed, method not
+    |   +-- RequestBodyInvalid         400 the body could not be read as framed
+    +-- NoInstanceAvailable            503 no enabled instance could be reached
+    +-- InstanceError                  anything tied to one instance (host, port)
+        +-- InstanceFailed             502 failed after the request was sent
+        +-- InstanceTimeout            504 did not answer in time
+        +-- CertificateMismatch        500 certificate differs from the reference
+        +-- ReferenceUnreadable        500 reference file cannot be read or parsed
+        +-- ReferenceUnsaved           500 first certificate could not be saved
+
+None of these derives from :class:`OSError`: raised from
+``HTTPSConnection.connect()`` they travel through urllib3 and requests
+untouched (DESIGN section 7), so the pin check can refuse a connection and
+still reach the client as its own 500.
+
+This module is pure: rendering to a Flask response lives in ``app.proxy``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class BalancerError(Exception):
+    """A failure the client receives as a JSON body with ``error`` and ``description``."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, description: str, **fields: Any) -> None:
+        super().__init__(description)
+        self.description = description
+        self.fields = fields
+
+    def body(self) -> dict[str, Any]:
+        """The JSON object sent to the client."""
+        return {"error": self.code, "description": self.description, **self.fields}
+
+    def headers(self) -> list[tuple[str, str]]:
+        """Extra response headers (``Allow``, ``Retry-After``)."""
+        return []
+
+
+class RequestRefused(BalancerError):
+    """The request cannot pass, whatever the instances do."""
+
+    status = 400
+
+
+class InvalidPath(RequestRefused):
+    """The path could mean another path to an instance (dot segments, %2F, //...)."""
+
+    status = 400
+    code = "invalid_path"
+
+
+class RequestNotAllowed(RequestRefused):
+    """No AllowedRequests entry has this path."""
+
+    status = 404
+    code = "request_not_allowed"
+
+
+class MethodNotAllowed(RequestRefused):
+    """The path is allowed, but not with this method."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, description: str, allow: list[str]) -> None:
+        super().__init__(description, allowed_methods=allow)
+        self.allow = allow
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Allow", ", ".join(self.allow))]
+
+
+class RequestBodyInvalid(RequestRefused):
+    """The request body ended before its announced length."""
+
+    status = 400
+    code = "invalid_request_body"
+
+
+class NoInstanceAvailable(BalancerError):
+    """No enabled instance could be reached; nothing was sent."""
+
+    status = 503
+    code = "no_instance_available"
+
+    def __init__(self, description: str, retry_after: int = 5, **fields: Any) -> None:
+        super().__init__(description, **fields)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("Retry-After", str(self.retry_after))]
+
+
+class InstanceError(BalancerError):
+    """A failure tied to one instance; the body names its host and port."""
+
+    def __init__(self, description: str, host: str, port: int, **fields: Any) -> None:
+        super().__init__(description, host=host, port=port, **fields)
+        self.host = host
+        self.port = port
+
+
+class InstanceFailed(InstanceError):
+    """The instance failed after the request was sent."""
+
+    status = 502
+    code = "instance_failed"
+
+
+class InstanceTimeout(InstanceError):
+    """The instance did not answer within the read timeout."""
+
+    status = 504
+    code = "instance_timeout"
+
+
+class CertificateMismatch(InstanceError):
+    """The instance presented a certificate other than its reference."""
+
+    status = 500
+    code = "certificate_mismatch"
+
+    def __init__(self, host: str, port: int, expected_sha256: str, received_sha256: str, reference: str) -> None:
+        # The seed's wording, prefixed with the instance so the sentence stands alone.
+        super().__init__(
+            f"HTTPS connection with the CyberTrace instance {host}:{port} has not been established, "
+            "since the server certificate does not match the one expected.",
+            host,
+            port,
+            expected_sha256=expected_sha256,
+            received_sha256=received_sha256,
+            reference=reference,
+        )
+
+
+class ReferenceUnreadable(InstanceError):
+    """The reference file exists but cannot be read or is not one PEM certificate."""
+
+    status = 500
+    code = "reference_certificate_unreadable"
+
+    def __init__(self, host: str, port: int, reference: str, reason: str) -> None:
+        super().__init__(
+            f"The reference certificate {reference} of the instance {host}:{port} cannot be used: {reason}. "
+            "It was left untouched; fix or remove it.",
+            host,
+            port,
+            reference=reference,
+        )
+
+
+class ReferenceUnsaved(InstanceError):
+    """The first certificate of an instance could not be written to CertDirPath."""
+
+    status = 500
+    code = "reference_certificate_unsaved"
+
+    def __init__(self, host: str, port: int, reference: str, reason: str) -> None:
+        super().__init__(
+            f"The certificate of the instance {host}:{port} could not be saved as {reference}: {reason}. "
+            "Nothing was forwarded; make CertDirPath writable by the balancer.",
+            host,
+            port,
+            reference=reference,
+        )

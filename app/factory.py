@@ -1,0 +1,42 @@
+"""``create_app()``: the Flask application for one configuration."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from . import config as config_module
+from .config import Config, ConfigError
+from .pins import PinStore
+from .proxy import install
+from .upstream import Balancer
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the balancer for *config*, or for the file ``BALANCER_CONFIG`` names.
+
+    A configuration that cannot be used ends the process with its one-line
+    reason (file, line, what was wrong and what was expected).
+    """
+    if config is None:
+        try:
+            config = config_module.load()
+        except ConfigError as exc:
+            raise SystemExit(f"ctbalancer: configuration error: {exc}") from None
+    app = Flask(__name__, static_folder=None)
+    app.config["BALANCER"] = config
+    # Keys in the order written: error bodies read code, description, then details.
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    install(app, config, Balancer(config, PinStore(config.cert_dir)))
+    if not config.tls:
+        log.warning(
+            "no SSLCertificatePath/SSLPrivateKeyPath in %s: serving plain HTTP on port %s",
+            config.path,
+            config.balancer.api_port,
+        )
+    if not config.allowed:
+        log.warning("AllowedRequests is empty in %s: every request will be refused", config.path)
+    return app

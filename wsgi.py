@@ -1,0 +1,2 @@
+from app.factory import create_app
+app = create_app()
