@@ -152,6 +152,10 @@ class PinStore:
         """The reference on disk; FileNotFoundError when there is none."""
         try:
             der = read_reference(path)
+        except NotADirectoryError as exc:
+            # CertDirPath (or a parent) is a file: there is no reference, and
+            # learning one will fail with the reason the operator must fix.
+            raise FileNotFoundError(exc.errno, exc.strerror, exc.filename) from exc
         except FileNotFoundError:
             raise
         except (NotACertificate, OSError) as exc:
