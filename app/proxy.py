@@ -162,8 +162,9 @@ def _relay(answer: object, upstream: Upstream) -> Response:
         _stream(raw, upstream),
         status=f"{status} {reason}" if reason.isprintable() and reason.isascii() and reason else status,
         headers=response_headers(raw.headers.items()),
-        direct_passthrough=True,
     )
+    # Not direct_passthrough: werkzeug then wraps the body in a
+    # ClosingIterator, and the server's close() reaches finish() below.
 
     def finish() -> None:
         try:
