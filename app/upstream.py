@@ -5,6 +5,7 @@ and the one place where requests' and urllib3's exceptions become balancer error
 from __future__ import annotations
 
 import itertools
+import random
 import logging
 import threading
 from dataclasses import dataclass
@@ -152,7 +153,10 @@ class Balancer:
         self.upstreams = [
             Upstream(spec, store, config.balancer.scanners_count, context) for spec in config.enabled_instances
         ]
-        self._turn = itertools.count()
+        # Each worker starts at a random place in the turn, so that workers
+        # that see little traffic do not all send their first requests to
+        # the first instance.
+        self._turn = itertools.count(random.randrange(max(len(self.upstreams), 1)))
 
     def candidates(self) -> Iterator[Upstream]:
         """Every enabled instance once, starting with the next in turn."""

@@ -1,0 +1,193 @@
+"""``make demo``: two demo instances, the balancer in front of them, and the seed's check request.
+
+Everything lives in ``.demo/`` and listens on loopback only:
+
+1. self-signed certificates for two demo instances and for the balancer;
+2. the two instances (``demo/instance.py``) on free ports;
+3. a ``kl_balancer.conf`` naming them, and ``gunicorn -c gunicorn.conf.py wsgi:app``;
+4. ``GET /api/v.1.1/suppliers`` through the balancer, once per instance, and
+   the reference certificates it learned with their SHA-256;
+5. serving until Ctrl-C (``--once`` stops here instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.pins import read_reference, sha256
+from demo.instance import make_self_signed
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = Path(os.environ.get("DEMO_DIR") or ROOT / ".demo").resolve()
+
+
+def shown(path: Path) -> str:
+    """*path* relative to the repository when it is inside it."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"demo: {what} exited with status {proc.returncode}; see {WORK}/*.log")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"demo: {what} did not listen on port {port} within {timeout:.0f}s")
+
+
+CONFIG = """<?xml version="1.0" encoding="utf-8"?>
+<!-- Written by `make demo`: two demo instances on loopback. -->
+<Config>
+  <Balancer api_port="{api_port}" matching_port="9999" cybertrace_port="9998" scanners_count="10">127.0.0.1</Balancer>
+  <SSLCertificatePath>tls/balancer_cert.pem</SSLCertificatePath>
+  <SSLPrivateKeyPath>tls/balancer_key.pem</SSLPrivateKeyPath>
+  <CertDirPath>certs</CertDirPath>
+  <Instances>
+    <Instance enabled="true" matching_port="9999" api_port="{port_a}">127.0.0.1</Instance>
+    <Instance enabled="true" matching_port="9999" api_port="{port_b}">localhost</Instance>
+  </Instances>
+  <AllowedRequests>
+    <Request method="GET">/api/v.1.1/suppliers</Request>
+    <Request method="GET">/api/{{version}}/suppliers</Request>
+    <Request method="POST">/api/{{version}}/lookup</Request>
+  </AllowedRequests>
+  <Workers>2</Workers>
+</Config>
+"""
+
+
+def fetch(port: int, cafile: Path, path: str) -> tuple[int, str]:
+    context = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Start the ctbalancer demo.")
+    parser.add_argument("--once", action="store_true", help="stop after the check request instead of serving")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "9443")))
+    args = parser.parse_args()
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    (WORK / "tls").mkdir(parents=True)
+    api_port = args.port if _port_is_free(args.port) else free_port()
+    ports = {"A": free_port(), "B": free_port()}
+    make_self_signed(WORK / "tls" / "balancer_cert.pem", WORK / "tls" / "balancer_key.pem", "127.0.0.1", "balancer")
+    hosts = {"A": "127.0.0.1", "B": "localhost"}
+    for name, host in hosts.items():
+        make_self_signed(WORK / f"instance_{name}.pem", WORK / f"instance_{name}.key", host, f"demo instance {name}")
+    config = WORK / "kl_balancer.conf"
+    config.write_text(CONFIG.format(api_port=api_port, port_a=ports["A"], port_b=ports["B"]))
+
+    procs: list[subprocess.Popen] = []
+
+    def stop_all(*_: object) -> None:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    try:
+        for name, port in ports.items():
+            log = open(WORK / f"instance_{name}.log", "wb")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "demo.instance", "--host", "127.0.0.1", "--port", str(port),
+                 "--cert", str(WORK / f"instance_{name}.pem"), "--key", str(WORK / f"instance_{name}.key"),
+                 "--name", name, "--log", str(WORK / f"instance_{name}.requests")],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )
+            procs.append(proc)
+            wait_for_port(port, proc, f"instance {name}")
+        balancer_log = open(WORK / "balancer.log", "wb")
+        balancer = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env={**os.environ, "BALANCER_CONFIG": str(config)},
+            stdout=balancer_log, stderr=subprocess.STDOUT,
+        )
+        procs.append(balancer)
+        wait_for_port(api_port, balancer, "the balancer")
+        time.sleep(0.5)
+
+        print(f"Balancer: https://127.0.0.1:{api_port}  (configuration {shown(config)})")
+        print(f"Instances: A https://127.0.0.1:{ports['A']}, B https://localhost:{ports['B']}\n")
+        cafile = WORK / "tls" / "balancer_cert.pem"
+        answered: set[str] = set()
+        for _ in range(8):  # each worker takes the instances in turn: ask until both answered
+            status, body = fetch(api_port, cafile, "/api/v.1.1/suppliers")
+            answer = json.loads(body)
+            if answer.get("instance") in answered:
+                continue
+            answered.add(answer.get("instance"))
+            print(f"GET /api/v.1.1/suppliers -> {status}, answered by instance {answer.get('instance')}:")
+            for supplier in answer.get("suppliers", []):
+                print(f"    {supplier['name']}")
+            if len(answered) == len(ports):
+                break
+        status, body = fetch(api_port, cafile, "/api/v.1.1/../admin")
+        print(f"\nGET /api/v.1.1/../admin -> {status} {json.loads(body)['error']} (nothing was sent)")
+        print("\nReference certificates learned on first contact:")
+        for pem in sorted((WORK / "certs").glob("*.pem")):
+            print(f"    {shown(pem)}  sha256 {sha256(read_reference(pem))}")
+        print(
+            f"\nTry it:  curl --cacert {shown(cafile)} https://127.0.0.1:{api_port}/api/v.1.1/suppliers\n"
+            f"Logs:    {shown(WORK)}/balancer.log"
+        )
+        if args.once:
+            return 0
+        print("Serving until Ctrl-C.")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print(f"demo: a process stopped; see the logs in {shown(WORK)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nStopping.")
+        return 0
+    finally:
+        stop_all()
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""`make demo` as a newcomer runs it: two instances, the balancer, the seed's check request."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from .support import ROOT, free_port
+
+
+def test_demo_answers_through_both_instances_and_shows_references(tmp_path):
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "demo.run", "--once", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "DEMO_DIR": str(tmp_path / "demo")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert f"Balancer: https://127.0.0.1:{port}" in out
+    assert "GET /api/v.1.1/suppliers -> 200, answered by instance A:" in out
+    assert "GET /api/v.1.1/suppliers -> 200, answered by instance B:" in out
+    assert "GET /api/v.1.1/../admin -> 400 invalid_path (nothing was sent)" in out
+    refs = re.findall(r"certs/(\S+\.pem)  sha256 ([0-9a-f]{64})", out)
+    assert sorted(name for name, _ in refs) == ["127.0.0.1_9999.pem", "localhost_9999.pem"]
