@@ -35,12 +35,18 @@ _PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Escapes that name a separator, or a separator escaped twice.
 _ENCODED_SEPARATOR = re.compile(r"%(?:25)?(?:2f|5c)", re.IGNORECASE)
 _ENCODED_DOT = re.compile(r"%(?:25)?2e", re.IGNORECASE)
+# An escaped control character (NUL above all) in the path: an instance that
+# decodes it may end the path there, or split a log line, and so see another
+# path. Raw ones are refused below, and by gunicorn before that.
+_ENCODED_CONTROL = re.compile(r"%(?:25)?(?:[01][0-9a-f]|7f)", re.IGNORECASE)
 # Control characters, space, "#" and anything outside ASCII: never valid raw in
 # a request target, and re-encoding them on the way out would change the bytes.
 _FORBIDDEN_ANYWHERE = re.compile(r"[^\x21-\x7e]|#")
-# Characters RFC 3986 does not allow in a path; clients do send some of them
-# raw in queries, where they cannot change which resource is meant.
-_FORBIDDEN_IN_PATH = re.compile(r'["<>\\^`{|}]')
+# Characters RFC 3986 does not allow in a path (section 3.3: "[" and "]" are
+# gen-delims, not pchar); urllib3 would percent-encode them on the way out.
+# Clients do send some of them raw in queries, where they cannot change which
+# resource is meant.
+_FORBIDDEN_IN_PATH = re.compile(r'["<>\\^`{|}\[\]]')
 
 
 def to_rule(path: str) -> str:
@@ -76,7 +82,8 @@ def check_target(target: str) -> str:
 
     Raises :class:`InvalidPath` for absolute or asterisk form, dot segments
     (literal, escaped, or hidden behind ``;params``), escaped ``/`` or ``\\``,
-    empty segments, bad escapes and characters RFC 3986 does not allow.
+    escaped control characters in the path, empty segments, bad escapes and
+    characters RFC 3986 does not allow.
     """
     if not target.startswith("/"):
         raise InvalidPath(
@@ -89,6 +96,8 @@ def check_target(target: str) -> str:
         raise InvalidPath("The request target contains a '%' that does not start an escape.")
     if _ENCODED_SEPARATOR.search(path):
         raise InvalidPath("The path contains an escaped '/' or '\\', which an instance may read as a separator.")
+    if _ENCODED_CONTROL.search(path):
+        raise InvalidPath("The path contains an escaped control character such as %00.")
     segments = path[1:].split("/")
     for i, segment in enumerate(segments):
         if segment == "" and i != len(segments) - 1:
