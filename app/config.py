@@ -153,7 +153,9 @@ def load(path: Path | str | None = None) -> Config:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(path, None, f"cannot read the configuration: {exc.strerror}") from exc
+        raise ConfigError(
+            path, None, f"cannot read the configuration: {exc.strerror}; expected a readable kl_balancer.conf"
+        ) from exc
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(
             path, None, f"file is larger than {MAX_CONFIG_BYTES} bytes; expected a configuration of a few KiB"
@@ -202,13 +204,26 @@ class _Reader:
     def parse(self) -> etree._Element:
         if not self.data.strip():
             raise self.fail(None, "file is empty; expected an XML document")
+        doctype = _doctype_line(self.data)
+        if doctype:
+            # Refused before lxml sees it: libxml2 still parses the DTD and its internal
+            # entities with resolution off, and would report a billion-laughs file as
+            # "malformed" on a line that is not the DOCTYPE's.
+            raise self.fail(doctype, _DOCTYPE_REFUSED)
         try:
             root = etree.fromstring(self.data, _parser())
         except etree.XMLSyntaxError as exc:
-            raise self.fail(exc.lineno, f"malformed XML: {exc.msg}") from exc
+            # lxml appends ", line L, column C" to its message (the line is already in front),
+            # and may quote the document, new lines included: the error stays one line.
+            reason = " ".join(re.sub(r", line \d+, column \d+$", "", exc.msg or "").split())
+            column = f" at column {exc.position[1]}" if exc.position and exc.position[1] else ""
+            expected = "expected well-formed XML in UTF-8 or the declared encoding"
+            raise self.fail(exc.lineno, f"malformed XML{column}: {reason}; {expected}") from exc
         docinfo = root.getroottree().docinfo
-        if docinfo.doctype or docinfo.internalDTD is not None:
-            raise self.fail(1, "a DOCTYPE is not allowed (entities and DTDs are refused)")
+        if docinfo.doctype or docinfo.internalDTD is not None or docinfo.system_url or docinfo.public_id:
+            # A DOCTYPE the byte scan missed (an encoding other than UTF-8 or ASCII). The parser
+            # has neither loaded nor expanded anything; the declaration itself is refused.
+            raise self.fail(1, _DOCTYPE_REFUSED)
         return root
 
     def read(self) -> Config:
@@ -236,6 +251,7 @@ class _Reader:
         cert_dir_el = one("CertDirPath")
         if cert_dir_el is None:
             raise self.fail(root.sourceline, "missing <CertDirPath>; expected the directory of reference certificates")
+        self.no_attributes(cert_dir_el)
         cert_dir = self.resolve(self.text(cert_dir_el, "a directory path"))
         instances_el = one("Instances")
         if instances_el is None:
@@ -253,7 +269,8 @@ class _Reader:
         delimiter = None
         if delimiter_el is not None:
             self.no_attributes(delimiter_el)
-            delimiter = delimiter_el.text or ""
+            # Not stripped: white space may be the delimiter itself.
+            delimiter = self.raw_text(delimiter_el, "a regular expression")
         return Config(
             path=self.path,
             balancer=balancer,
@@ -291,11 +308,11 @@ class _Reader:
         if cert_el is None and key_el is None:
             return None, None
         if cert_el is None or key_el is None:
-            el = cert_el if cert_el is not None else key_el
-            missing = "SSLPrivateKeyPath" if cert_el is not None else "SSLCertificatePath"
+            present, missing = (cert_el, "SSLPrivateKeyPath") if cert_el is not None else (key_el, "SSLCertificatePath")
+            assert present is not None
             raise self.fail(
-                el.sourceline,  # type: ignore[union-attr]
-                f"<{el.tag}> is set but <{missing}> is missing; expected both (HTTPS) or neither (plain HTTP)",  # type: ignore[union-attr]
+                present.sourceline,
+                f"<{present.tag}> is set but <{missing}> is missing; expected both (HTTPS) or neither (plain HTTP)",
             )
         paths = []
         for el in (cert_el, key_el):
@@ -354,7 +371,8 @@ class _Reader:
             if method not in ALLOWED_METHODS:
                 raise self.fail(
                     el.sourceline,
-                    f"<Request> attribute method={method!r} is not allowed; expected one of: {', '.join(ALLOWED_METHODS)}",
+                    f"<Request> attribute method={method!r} is not allowed; "
+                    f"expected one of: {', '.join(ALLOWED_METHODS)}",
                 )
             path = self.text(el, "a path starting with /")
             problem = _path_problem(path)
@@ -362,7 +380,10 @@ class _Reader:
                 raise self.fail(el.sourceline, f"<Request> path {path!r} {problem}")
             key = (method, path)
             if key in seen:
-                raise self.fail(el.sourceline, f"<Request> {method} {path} repeats line {seen[key]}; expected each once")
+                raise self.fail(
+                    el.sourceline,
+                    f"<Request> {method} {path!r} repeats the request on line {seen[key]}; expected each once",
+                )
             seen[key] = el.sourceline or 0
             result.append(AllowedRequest(method=method, path=path, line=el.sourceline or 0))
         return tuple(result)
@@ -394,20 +415,29 @@ class _Reader:
                 )
         for name in required:
             if name not in attrs:
-                raise self.fail(el.sourceline, f"<{el.tag}> is missing attribute {name!r}")
+                raise self.fail(
+                    el.sourceline, f"<{el.tag}> is missing attribute {name!r}; expected all of: {', '.join(required)}"
+                )
         return attrs
 
     def no_attributes(self, el: etree._Element) -> None:
         self.attributes(el)
 
     def no_text(self, el: etree._Element) -> None:
-        if (el.text or "").strip():
-            raise self.fail(el.sourceline, f"<{el.tag}> has text {el.text.strip()!r}; expected only attributes")
+        text = self.raw_text(el, "only attributes").strip()
+        if text:
+            raise self.fail(el.sourceline, f"<{el.tag}> has text {text!r}; expected only attributes")
 
-    def text(self, el: etree._Element, expected: str) -> str:
+    def raw_text(self, el: etree._Element, expected: str) -> str:
+        """The text of *el* as written, comments left out; child elements are refused."""
         for child in _children(el):
             raise self.fail(child.sourceline, f"unknown element <{child.tag}> in <{el.tag}>; expected {expected}")
-        value = (el.text or "").strip()
+        # itertext() joins the text around comments ("10.0.0.1<!-- x -->0" is "10.0.0.10"),
+        # where el.text alone would silently stop at the first comment.
+        return "".join(el.itertext())
+
+    def text(self, el: etree._Element, expected: str) -> str:
+        value = self.raw_text(el, expected).strip()
         if not value:
             raise self.fail(el.sourceline, f"<{el.tag}> is empty; expected {expected}")
         return value
@@ -431,7 +461,9 @@ class _Reader:
     def boolean(self, el: etree._Element, attr: str, value: str) -> bool:
         if value in ("true", "false"):
             return value == "true"
-        raise self.fail(el.sourceline, f"<{el.tag}> attribute {attr}={value!r} is not a boolean; expected true or false")
+        raise self.fail(
+            el.sourceline, f"<{el.tag}> attribute {attr}={value!r} is not a boolean; expected true or false"
+        )
 
     def seconds(self, el: etree._Element, attr: str, value: str | None, default: float) -> float:
         if value is None:
@@ -442,9 +474,43 @@ class _Reader:
             number = float("nan")
         if not 0 < number <= 3600:
             raise self.fail(
-                el.sourceline, f"<{el.tag}> attribute {attr}={value!r} is not valid; expected seconds, above 0 and at most 3600"
+                el.sourceline,
+                f"<{el.tag}> attribute {attr}={value!r} is not valid; expected seconds, above 0 and at most 3600",
             )
         return number
+
+
+_DOCTYPE_REFUSED = "<!DOCTYPE> is not allowed (DTDs and entities are refused); expected none"
+
+
+def _doctype_line(data: bytes) -> int | None:
+    """The line of a ``<!DOCTYPE`` in the prolog of *data*, or None when there is none.
+
+    Skips what may precede it (byte order mark, XML declaration, processing instructions,
+    comments, white space) in one linear pass; anything else ends the prolog.
+    """
+    if data.startswith((b"\xff\xfe", b"<\x00")):
+        text = data.decode("utf-16-le", errors="replace").removeprefix("\ufeff")
+    elif data.startswith((b"\xfe\xff", b"\x00<")):
+        text = data.decode("utf-16-be", errors="replace").removeprefix("\ufeff")
+    else:
+        # UTF-8 and the other encodings XML allows here spell the markup in ASCII.
+        text = data.removeprefix(b"\xef\xbb\xbf").decode("latin-1")
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if text.startswith("<!DOCTYPE", pos):
+            return text.count("\n", 0, pos) + 1
+        if text.startswith("<?", pos):
+            end, length = text.find("?>", pos + 2), 2
+        elif text.startswith("<!--", pos):
+            end, length = text.find("-->", pos + 4), 3
+        else:
+            return None
+        if end < 0:
+            return None
+        pos = end + length
 
 
 def _children(el: etree._Element) -> Iterator[etree._Element]:

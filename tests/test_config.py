@@ -1,0 +1,907 @@
+"""kl_balancer.conf: every unusable file is refused with one exact line; valid ones become frozen objects.
+
+The broken files are real files under ``tmp_path``, loaded with ``app.config.load``; each case
+asserts the whole message, file path and line number included (DESIGN section 1). The start-up
+commands are run as subprocesses, as an operator runs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from app.config import (
+    MAX_CONFIG_BYTES,
+    AllowedRequest,
+    BalancerSpec,
+    Config,
+    ConfigError,
+    InstanceSpec,
+    Timeouts,
+    config_path,
+    load,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "kl_balancer.conf"
+
+# The file each broken case starts from; the line numbers in the expected messages refer to it.
+BASE = """\
+<?xml version="1.0" encoding="utf-8"?>
+<Config>
+  <Balancer api_port="9443" matching_port="9999" cybertrace_port="9998" scanners_count="10">127.0.0.1</Balancer>
+  <CertDirPath>certs</CertDirPath>
+  <Instances>
+    <Instance matching_port="9999" api_port="443">192.0.2.10</Instance>
+    <Instance enabled="false" matching_port="9999" api_port="443">192.0.2.11</Instance>
+  </Instances>
+  <AllowedRequests>
+    <Request method="GET">/api/v.1.1/suppliers</Request>
+    <Request method="GET">/api/{version}/suppliers</Request>
+  </AllowedRequests>
+</Config>
+"""
+#  line 3: Balancer    4: CertDirPath   5: Instances   6, 7: Instance
+#  line 9: AllowedRequests   10, 11: Request   13: </Config>
+
+BALANCER = BASE.splitlines(keepends=True)[2]
+INSTANCE_6 = '    <Instance matching_port="9999" api_port="443">192.0.2.10</Instance>\n'
+INSTANCE_7 = '    <Instance enabled="false" matching_port="9999" api_port="443">192.0.2.11</Instance>\n'
+REQUEST_10 = '    <Request method="GET">/api/v.1.1/suppliers</Request>\n'
+ROOT_ELEMENTS = (
+    "Balancer, SSLCertificatePath, SSLPrivateKeyPath, CertDirPath, EventDelimiter, Instances, AllowedRequests, "
+    "Timeouts, Workers"
+)
+METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+XML_EXPECTED = "expected well-formed XML in UTF-8 or the declared encoding"
+PATH_CHARS = "expected letters, digits, -._~!$&'()*+,;=:@ or a whole-segment {{name}}"
+
+
+def edit(old: str, new: str, text: str = BASE) -> str:
+    """*text* with the one occurrence of *old* replaced (a case that edits nothing would test nothing)."""
+    assert text.count(old) == 1, old
+    return text.replace(old, new)
+
+
+def attr(old: str, new: str) -> str:
+    """BASE with an attribute or text of the Balancer line (line 3) changed."""
+    return edit(BALANCER, edit(old, new, BALANCER))
+
+
+def before_end(xml: str) -> str:
+    """BASE with *xml* on line 13, just before </Config>."""
+    return edit("</Config>", f"{xml}\n</Config>")
+
+
+def request(method: str, path: str) -> str:
+    """BASE with line 10 allowing *method* *path*."""
+    return edit(REQUEST_10, f'    <Request method="{method}">{path}</Request>\n')
+
+
+def host(name: str) -> str:
+    """BASE with the first instance (line 6) on *name*."""
+    return edit(">192.0.2.10<", f">{name}<")
+
+
+def param(id: str, content: str | bytes, expected: str):
+    return pytest.param(content, expected, id=id)
+
+
+LAUGHS = """\
+<?xml version="1.0"?>
+<!DOCTYPE Config [
+  <!ENTITY lol "lol">
+  <!ENTITY lol1 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+  <!ENTITY lol2 "&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;&lol1;">
+  <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+  <!ENTITY lol4 "&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;&lol3;">
+  <!ENTITY lol5 "&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;&lol4;">
+  <!ENTITY lol6 "&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;&lol5;">
+  <!ENTITY lol7 "&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;&lol6;">
+  <!ENTITY lol8 "&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;&lol7;">
+  <!ENTITY lol9 "&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;&lol8;">
+]>
+<Config><CertDirPath>&lol9;</CertDirPath></Config>
+"""
+
+PASSWD = edit(
+    '<?xml version="1.0" encoding="utf-8"?>\n',
+    '<?xml version="1.0" encoding="utf-8"?>\n<!-- the entity would put a file into the address -->\n'
+    '<!DOCTYPE Config [<!ENTITY passwd SYSTEM "file:///etc/passwd">]>\n',
+    edit(">127.0.0.1<", ">&passwd;<"),
+)
+
+# A valid document padded past the limit with a comment: only its size is wrong.
+OVERSIZED = before_end("<!--" + "x" * MAX_CONFIG_BYTES + "-->")
+
+BROKEN = [
+    # -- the document ------------------------------------------------------------------------------
+    param("empty-file", "", "{path}: file is empty; expected an XML document"),
+    param("blank-file", " \n\t\n", "{path}: file is empty; expected an XML document"),
+    param(
+        "larger-than-1MiB",
+        OVERSIZED,
+        "{path}: file is larger than 1048576 bytes; expected a configuration of a few KiB",
+    ),
+    param(
+        "unclosed-tag",
+        edit("</CertDirPath>", ""),
+        "{path}:13: malformed XML at column 10: Opening and ending tag mismatch: CertDirPath line 4 and Config; "
+        + XML_EXPECTED,
+    ),
+    param(
+        "not-xml",
+        "api_port=9443\n",
+        "{path}:1: malformed XML at column 1: Start tag expected, '<' not found; " + XML_EXPECTED,
+    ),
+    param(
+        "double-hyphen-in-comment-quoted-on-one-line",
+        edit("<Instances>\n", "<Instances>\n    <!-- run with\n --workers 4 -->\n"),
+        "{path}:7: malformed XML at column 2: Double hyphen within comment: <!-- run with; " + XML_EXPECTED,
+    ),
+    param(
+        "latin-1-bytes-declared-utf-8",
+        edit(">certs<", ">certificats-\xe9t\xe9<").encode("latin-1"),
+        "{path}:4: malformed XML at column 28: Invalid bytes in character encoding; " + XML_EXPECTED,
+    ),
+    param(
+        "billion-laughs",
+        LAUGHS,
+        "{path}:2: <!DOCTYPE> is not allowed (DTDs and entities are refused); expected none",
+    ),
+    param(
+        "billion-laughs-utf-16",
+        LAUGHS.replace('<?xml version="1.0"?>', '<?xml version="1.0" encoding="utf-16"?>').encode("utf-16"),
+        "{path}:2: <!DOCTYPE> is not allowed (DTDs and entities are refused); expected none",
+    ),
+    param(
+        "external-entity-etc-passwd",
+        PASSWD,
+        "{path}:3: <!DOCTYPE> is not allowed (DTDs and entities are refused); expected none",
+    ),
+    param(
+        "external-entity-after-utf-8-bom",
+        "\ufeff" + PASSWD,
+        "{path}:3: <!DOCTYPE> is not allowed (DTDs and entities are refused); expected none",
+    ),
+    param(
+        "external-dtd",
+        edit("<Config>\n", '<!DOCTYPE Config SYSTEM "http://example.com/kl_balancer.dtd">\n<Config>\n'),
+        "{path}:2: <!DOCTYPE> is not allowed (DTDs and entities are refused); expected none",
+    ),
+    param(
+        "unknown-root-element",
+        before_end('  <Timeout connect="5"/>'),
+        "{path}:13: unknown element <Timeout>; expected one of: " + ROOT_ELEMENTS,
+    ),
+    param(
+        "namespaced-element",
+        edit("<CertDirPath>certs</CertDirPath>", '<c:CertDirPath xmlns:c="urn:x">certs</c:CertDirPath>'),
+        "{path}:4: unknown element <{{urn:x}}CertDirPath>; expected one of: " + ROOT_ELEMENTS,
+    ),
+    # -- Balancer ----------------------------------------------------------------------------------
+    param("missing-balancer", edit(BALANCER, ""), "{path}:2: missing <Balancer>; expected exactly one"),
+    param(
+        "two-balancers",
+        edit(BALANCER, BALANCER + BALANCER.replace("127.0.0.1", "::1")),
+        "{path}:4: <Balancer> appears twice; expected it once",
+    ),
+    param(
+        "api-port-0",
+        attr('api_port="9443"', 'api_port="0"'),
+        "{path}:3: <Balancer> attribute api_port='0' is out of range; expected 1 to 65535",
+    ),
+    param(
+        "api-port-70000",
+        attr('api_port="9443"', 'api_port="70000"'),
+        "{path}:3: <Balancer> attribute api_port='70000' is out of range; expected 1 to 65535",
+    ),
+    param(
+        "api-port-abc",
+        attr('api_port="9443"', 'api_port="abc"'),
+        "{path}:3: <Balancer> attribute api_port='abc' is not a whole number; expected 1 to 65535",
+    ),
+    param(
+        "matching-port-negative",
+        attr('matching_port="9999"', 'matching_port="-1"'),
+        "{path}:3: <Balancer> attribute matching_port='-1' is not a whole number; expected 1 to 65535",
+    ),
+    param(
+        "cybertrace-port-empty",
+        attr('cybertrace_port="9998"', 'cybertrace_port=""'),
+        "{path}:3: <Balancer> attribute cybertrace_port='' is not a whole number; expected 1 to 65535",
+    ),
+    param(
+        "scanners-count-0",
+        attr('scanners_count="10"', 'scanners_count="0"'),
+        "{path}:3: <Balancer> attribute scanners_count='0' is out of range; expected 1 to 100",
+    ),
+    param(
+        "scanners-count-101",
+        attr('scanners_count="10"', 'scanners_count="101"'),
+        "{path}:3: <Balancer> attribute scanners_count='101' is out of range; expected 1 to 100",
+    ),
+    param(
+        "scanners-count-missing",
+        attr(' scanners_count="10"', ""),
+        "{path}:3: <Balancer> is missing attribute 'scanners_count'; "
+        "expected all of: api_port, matching_port, cybertrace_port, scanners_count",
+    ),
+    param(
+        "balancer-unknown-attribute",
+        attr('scanners_count="10"', 'scanners_count="10" ssl="true"'),
+        "{path}:3: <Balancer> has unknown attribute 'ssl'; "
+        "expected: api_port, matching_port, cybertrace_port, scanners_count",
+    ),
+    param(
+        "balancer-address-with-port",
+        attr(">127.0.0.1<", ">127.0.0.1:9443<"),
+        "{path}:3: <Balancer> address '127.0.0.1:9443' is not valid; expected an IPv4 or IPv6 address or a host name",
+    ),
+    param(
+        "balancer-address-url",
+        attr(">127.0.0.1<", ">https://balancer.example<"),
+        "{path}:3: <Balancer> address 'https://balancer.example' is not valid; "
+        "expected an IPv4 or IPv6 address or a host name",
+    ),
+    param(
+        "balancer-address-empty",
+        attr(">127.0.0.1<", "><"),
+        "{path}:3: <Balancer> is empty; expected the address to listen on",
+    ),
+    # -- TLS -----------------------------------------------------------------------------------------
+    param(
+        "certificate-without-key",
+        edit("  <CertDirPath>", "  <SSLCertificatePath>tls/cert.pem</SSLCertificatePath>\n  <CertDirPath>"),
+        "{path}:4: <SSLCertificatePath> is set but <SSLPrivateKeyPath> is missing; "
+        "expected both (HTTPS) or neither (plain HTTP)",
+    ),
+    param(
+        "key-without-certificate",
+        before_end("  <SSLPrivateKeyPath>tls/key.pem</SSLPrivateKeyPath>"),
+        "{path}:13: <SSLPrivateKeyPath> is set but <SSLCertificatePath> is missing; "
+        "expected both (HTTPS) or neither (plain HTTP)",
+    ),
+    param(
+        "certificate-file-missing",
+        edit(
+            "  <CertDirPath>",
+            "  <SSLCertificatePath>tls/cert.pem</SSLCertificatePath>\n"
+            "  <SSLPrivateKeyPath>tls/key.pem</SSLPrivateKeyPath>\n  <CertDirPath>",
+        ),
+        "{path}:4: <SSLCertificatePath> '{dir}/tls/cert.pem' is not a readable file; expected a PEM file",
+    ),
+    # -- CertDirPath, EventDelimiter -----------------------------------------------------------------
+    param(
+        "missing-certdirpath",
+        edit("  <CertDirPath>certs</CertDirPath>\n", ""),
+        "{path}:2: missing <CertDirPath>; expected the directory of reference certificates",
+    ),
+    param(
+        "empty-certdirpath",
+        edit("<CertDirPath>certs</CertDirPath>", "<CertDirPath> <!-- certs --> </CertDirPath>"),
+        "{path}:4: <CertDirPath> is empty; expected a directory path",
+    ),
+    param(
+        "certdirpath-attribute",
+        edit("<CertDirPath>", '<CertDirPath create="true">'),
+        "{path}:4: <CertDirPath> has unknown attribute 'create'; expected: none",
+    ),
+    param(
+        "eventdelimiter-with-element",
+        before_end("  <EventDelimiter>\n    <Regex>\\|</Regex>\n  </EventDelimiter>"),
+        "{path}:14: unknown element <Regex> in <EventDelimiter>; expected a regular expression",
+    ),
+    # -- Instances ----------------------------------------------------------------------------------
+    param(
+        "no-instances",
+        edit(INSTANCE_6 + INSTANCE_7, ""),
+        "{path}:5: <Instances> is empty; expected at least one <Instance>",
+    ),
+    param(
+        "missing-instances",
+        edit("  <Instances>\n" + INSTANCE_6 + INSTANCE_7 + "  </Instances>\n", ""),
+        "{path}:2: missing <Instances>; expected at least one <Instance>",
+    ),
+    param(
+        "duplicate-host-and-matching-port",
+        edit(INSTANCE_7, '    <Instance enabled="false" matching_port="9999" api_port="8443">192.0.2.10</Instance>\n'),
+        "{path}:7: <Instance> host '192.0.2.10' and matching_port 9999 repeat the instance on line 6; "
+        "expected each once",
+    ),
+    param(
+        "duplicate-host-and-api-port",
+        edit(INSTANCE_7, '    <Instance matching_port="9998" api_port="443">192.0.2.10</Instance>\n'),
+        "{path}:7: <Instance> host '192.0.2.10' and api_port 443 repeat the instance on line 6; expected each once",
+    ),
+    param(
+        "enable-typo",
+        edit('enabled="false"', 'enable="false"'),
+        "{path}:7: <Instance> has unknown attribute 'enable'; expected: api_port, matching_port, enabled",
+    ),
+    param(
+        "enabled-yes",
+        edit('enabled="false"', 'enabled="yes"'),
+        "{path}:7: <Instance> attribute enabled='yes' is not a boolean; expected true or false",
+    ),
+    param(
+        "instance-api-port-missing",
+        edit(INSTANCE_6, '    <Instance matching_port="9999">192.0.2.10</Instance>\n'),
+        "{path}:6: <Instance> is missing attribute 'api_port'; expected all of: api_port, matching_port",
+    ),
+    param(
+        "instance-port-70000",
+        edit(INSTANCE_6, '    <Instance matching_port="70000" api_port="443">192.0.2.10</Instance>\n'),
+        "{path}:6: <Instance> attribute matching_port='70000' is out of range; expected 1 to 65535",
+    ),
+    param(
+        "host-with-slash",
+        host("192.0.2.10/32"),
+        "{path}:6: <Instance> host '192.0.2.10/32' is not valid; expected a host name or an IPv4 or IPv6 address",
+    ),
+    param(
+        "host-dot-dot",
+        host(".."),
+        "{path}:6: <Instance> host '..' is not valid; expected a host name or an IPv4 or IPv6 address",
+    ),
+    param(
+        "host-path-traversal",
+        host("../../etc/cron.d/x"),
+        "{path}:6: <Instance> host '../../etc/cron.d/x' is not valid; "
+        "expected a host name or an IPv4 or IPv6 address",
+    ),
+    param(
+        "host-empty",
+        host(""),
+        "{path}:6: <Instance> is empty; expected a host name or IP address",
+    ),
+    param(
+        "unknown-element-in-instances",
+        edit(INSTANCE_7, "    <Server>192.0.2.11</Server>\n"),
+        "{path}:7: unknown element <Server> in <Instances>; expected <Instance>",
+    ),
+    # -- AllowedRequests ------------------------------------------------------------------------------
+    param(
+        "method-fetch",
+        request("FETCH", "/api/v.1.1/suppliers"),
+        f"{{path}}:10: <Request> attribute method='FETCH' is not allowed; expected one of: {METHODS}",
+    ),
+    param(
+        "method-lowercase-get",
+        request("get", "/api/v.1.1/suppliers"),
+        f"{{path}}:10: <Request> attribute method='get' is not allowed; expected one of: {METHODS}",
+    ),
+    param(
+        "method-trace",
+        request("TRACE", "/api/v.1.1/suppliers"),
+        f"{{path}}:10: <Request> attribute method='TRACE' is not allowed; expected one of: {METHODS}",
+    ),
+    param(
+        "method-connect",
+        request("CONNECT", "/api/v.1.1/suppliers"),
+        f"{{path}}:10: <Request> attribute method='CONNECT' is not allowed; expected one of: {METHODS}",
+    ),
+    param(
+        "method-missing",
+        edit(' method="GET">/api/v.1.1/', ">/api/v.1.1/"),
+        "{path}:10: <Request> is missing attribute 'method'; expected all of: method",
+    ),
+    param(
+        "path-not-absolute",
+        request("GET", "api/v.1.1/suppliers"),
+        "{path}:10: <Request> path 'api/v.1.1/suppliers' does not start with '/'; "
+        "expected an absolute path such as /api/v.1.1/suppliers",
+    ),
+    param(
+        "path-empty-segment",
+        request("GET", "/api//suppliers"),
+        "{path}:10: <Request> path '/api//suppliers' has an empty segment ('//'); "
+        "expected segments separated by single '/'",
+    ),
+    param(
+        "path-dot-segment",
+        request("GET", "/api/v.1.1/../admin"),
+        "{path}:10: <Request> path '/api/v.1.1/../admin' has a dot segment; expected plain segments",
+    ),
+    param(
+        "path-single-dot-segment",
+        request("GET", "/api/./suppliers"),
+        "{path}:10: <Request> path '/api/./suppliers' has a dot segment; expected plain segments",
+    ),
+    param(
+        "path-percent-escape",
+        request("GET", "/api/%2e%2e/admin"),
+        "{path}:10: <Request> path '/api/%2e%2e/admin' has segment '%2e%2e' with characters that are not allowed; "
+        + PATH_CHARS,
+    ),
+    param(
+        "path-placeholder-inside-segment",
+        request("GET", "/api/v{version}/suppliers"),
+        "{path}:10: <Request> path '/api/v{{version}}/suppliers' has segment 'v{{version}}' with characters "
+        "that are not allowed; " + PATH_CHARS,
+    ),
+    param(
+        "path-reserved",
+        request("GET", "/_balancer/health"),
+        "{path}:10: <Request> path '/_balancer/health' is reserved for the balancer (/_balancer/); "
+        "expected another path",
+    ),
+    param(
+        "path-repeated-placeholder",
+        request("GET", "/api/{version}/{version}"),
+        "{path}:10: <Request> path '/api/{{version}}/{{version}}' repeats placeholder {{version}}; "
+        "expected distinct names",
+    ),
+    param(
+        "duplicate-request",
+        edit(REQUEST_10, REQUEST_10 + REQUEST_10.replace('"GET"', '"POST"') + REQUEST_10),
+        "{path}:12: <Request> GET '/api/v.1.1/suppliers' repeats the request on line 10; expected each once",
+    ),
+    param(
+        "request-path-as-attribute",
+        edit(REQUEST_10, '    <Request method="GET" path="/api/v.1.1/suppliers"/>\n'),
+        "{path}:10: <Request> has unknown attribute 'path'; expected: method",
+    ),
+    param(
+        "unknown-element-in-allowedrequests",
+        edit(REQUEST_10, '    <Allow method="GET">/api/v.1.1/suppliers</Allow>\n'),
+        "{path}:10: unknown element <Allow> in <AllowedRequests>; expected <Request>",
+    ),
+    # -- Timeouts, Workers ----------------------------------------------------------------------------
+    param(
+        "timeouts-connect-0",
+        before_end('  <Timeouts connect="0"/>'),
+        "{path}:13: <Timeouts> attribute connect='0' is not valid; expected seconds, above 0 and at most 3600",
+    ),
+    param(
+        "timeouts-read-abc",
+        before_end('  <Timeouts read="abc"/>'),
+        "{path}:13: <Timeouts> attribute read='abc' is not valid; expected seconds, above 0 and at most 3600",
+    ),
+    param(
+        "timeouts-read-nan",
+        before_end('  <Timeouts read="nan"/>'),
+        "{path}:13: <Timeouts> attribute read='nan' is not valid; expected seconds, above 0 and at most 3600",
+    ),
+    param(
+        "timeouts-unknown-attribute",
+        before_end('  <Timeouts connect="5" write="5"/>'),
+        "{path}:13: <Timeouts> has unknown attribute 'write'; expected: connect, read",
+    ),
+    param(
+        "timeouts-as-elements",
+        before_end("  <Timeouts>\n    <connect>5</connect>\n  </Timeouts>"),
+        "{path}:14: unknown element <connect> in <Timeouts>; expected only attributes",
+    ),
+    param(
+        "timeouts-text",
+        before_end("  <Timeouts>5</Timeouts>"),
+        "{path}:13: <Timeouts> has text '5'; expected only attributes",
+    ),
+    param(
+        "workers-0",
+        before_end("  <Workers>0</Workers>"),
+        "{path}:13: <Workers> value '0' is out of range; expected 1 to 64",
+    ),
+    param(
+        "workers-65",
+        before_end("  <Workers>65</Workers>"),
+        "{path}:13: <Workers> value '65' is out of range; expected 1 to 64",
+    ),
+    param(
+        "workers-two",
+        before_end("  <Workers>two</Workers>"),
+        "{path}:13: <Workers> value 'two' is not a whole number; expected 1 to 64",
+    ),
+    param(
+        "two-workers-elements",
+        before_end("  <Workers>2</Workers>\n  <Workers>4</Workers>"),
+        "{path}:14: <Workers> appears twice; expected it once",
+    ),
+]
+
+
+def write(directory: Path, content: str | bytes, name: str = "kl_balancer.conf") -> Path:
+    path = directory / name
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
+
+
+def test_base_file_is_valid(tmp_path: Path) -> None:
+    """Every broken case is BASE with one thing wrong, so BASE itself must load."""
+    config = load(write(tmp_path, BASE))
+    assert [i.host for i in config.enabled_instances] == ["192.0.2.10"]
+
+
+@pytest.mark.parametrize(("content", "expected"), BROKEN)
+def test_broken_configuration_is_refused_with_one_exact_line(
+    tmp_path: Path, content: str | bytes, expected: str
+) -> None:
+    path = write(tmp_path, content)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == expected.format(path=path, dir=tmp_path.resolve())
+    assert "\n" not in str(info.value)
+
+
+def test_there_are_at_least_25_broken_cases() -> None:
+    assert len(BROKEN) >= 25
+    assert len({p.id for p in BROKEN}) == len(BROKEN)
+
+
+def test_config_error_carries_file_line_and_message(tmp_path: Path) -> None:
+    path = write(tmp_path, before_end("  <Workers>0</Workers>"))
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert (info.value.path, info.value.line, info.value.message) == (
+        str(path),
+        13,
+        "<Workers> value '0' is out of range; expected 1 to 64",
+    )
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent" / "kl_balancer.conf"
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == (
+        f"{path}: cannot read the configuration: No such file or directory; expected a readable kl_balancer.conf"
+    )
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path}: cannot read the configuration: Is a directory; expected a readable kl_balancer.conf"
+    )
+
+
+def test_huge_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """A sparse 64 GiB file: reading or parsing it would take minutes and all the memory."""
+    path = tmp_path / "kl_balancer.conf"
+    path.write_bytes(BASE.encode())
+    os.truncate(path, 64 * 1024**3)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert time.monotonic() - started < 2.0
+    assert str(info.value) == f"{path}: file is larger than 1048576 bytes; expected a configuration of a few KiB"
+
+
+def test_file_of_exactly_the_limit_loads(tmp_path: Path) -> None:
+    head = before_end("<!--")
+    filler = MAX_CONFIG_BYTES - len(head.encode()) - len("-->")
+    text = before_end("<!--" + "x" * filler + "-->")
+    assert len(text.encode()) == MAX_CONFIG_BYTES
+    assert load(write(tmp_path, text)).balancer.api_port == 9443
+    assert len(OVERSIZED.encode()) > MAX_CONFIG_BYTES
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+@pytest.mark.parametrize(
+    "doctype",
+    [
+        pytest.param('<!DOCTYPE Config [<!ENTITY e SYSTEM "{fifo}">]>\n', id="external-entity"),
+        pytest.param('<!DOCTYPE Config [<!ENTITY % p SYSTEM "{fifo}"> %p;]>\n', id="parameter-entity"),
+        pytest.param('<!DOCTYPE Config SYSTEM "{fifo}">\n', id="external-dtd"),
+    ],
+)
+def test_external_entities_and_dtds_are_never_opened(tmp_path: Path, doctype: str, encoding: str) -> None:
+    """The named file is a FIFO with no writer: a parser that opened it would block forever.
+
+    Run in a subprocess so that such a regression fails on the timeout instead of hanging the suite.
+    """
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    xml = f'<?xml version="1.0" encoding="{encoding}"?>\n' + doctype.format(fifo=fifo) + "<Config>&e;</Config>\n"
+    path = write(tmp_path, xml.encode(encoding))
+    code = textwrap.dedent(
+        """\
+        import sys
+        from app.config import ConfigError, load
+        try:
+            load(sys.argv[1])
+        except ConfigError as e:
+            print(e)
+        """
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the parser opened {fifo} (it blocked on the FIFO)")
+    assert done.stdout == f"{path}:2: <!DOCTYPE> is not allowed (DTDs and entities are refused); expected none\n"
+    assert done.returncode == 0, done.stderr
+
+
+# -- valid files ---------------------------------------------------------------------------------------
+
+# DESIGN section 1's example, with comments in odd places; no Timeouts or Workers (defaults).
+FULL = """\
+<?xml version="1.0" encoding="utf-8"?>
+<!-- the root element's name is not checked; <!DOCTYPE> in a comment is just text -->
+<KasperskyBalancer>
+  <!-- text: the address to listen on -->
+  <Balancer api_port="9443" matching_port="9999" cybertrace_port="9998" scanners_count="10">\
+127.0.0.1<!-- loopback --></Balancer>
+  <SSLCertificatePath>tls/balancer_cert.pem</SSLCertificatePath>
+  <SSLPrivateKeyPath>
+      tls/balancer_key.pem
+  </SSLPrivateKeyPath>
+  <CertDirPath>ce<!-- split -->rts</CertDirPath>
+  <EventDelimiter> </EventDelimiter>
+  <Instances>
+    <!-- enabled defaults to true -->
+    <Instance matching_port="9999" api_port="443">192.0.2.10</Instance>
+    <Instance enabled="false" matching_port="9999" api_port="443">192.0.2.11</Instance>
+    <Instance enabled="true" matching_port="9999" api_port="8443">2001:db8::1</Instance>
+    <Instance matching_port="9998" api_port="443">ct-3.example.</Instance>
+  </Instances>
+  <AllowedRequests>
+    <Request method="GET">/api/v.1.1/suppliers</Request>
+    <!-- {name} is one segment -->
+    <Request method="GET">/api/{version}/suppliers</Request>
+    <Request method="POST">/api/{version}/lookup</Request>
+    <Request method="GET">/</Request>
+    <Request method="OPTIONS">/api/{version}/</Request>
+  </AllowedRequests>
+</KasperskyBalancer>
+"""
+
+
+def test_full_example_parses_into_frozen_objects(tmp_path: Path) -> None:
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "balancer_cert.pem").write_text("cert")
+    (tmp_path / "tls" / "balancer_key.pem").write_text("key")
+    path = write(tmp_path, FULL)
+    base = tmp_path.resolve()
+    config = load(path)
+    assert config == Config(
+        path=path,
+        balancer=BalancerSpec(
+            address="127.0.0.1", api_port=9443, matching_port=9999, cybertrace_port=9998, scanners_count=10
+        ),
+        cert_dir=base / "certs",
+        instances=(
+            InstanceSpec(host="192.0.2.10", api_port=443, matching_port=9999, enabled=True),
+            InstanceSpec(host="192.0.2.11", api_port=443, matching_port=9999, enabled=False),
+            InstanceSpec(host="2001:db8::1", api_port=8443, matching_port=9999, enabled=True),
+            InstanceSpec(host="ct-3.example.", api_port=443, matching_port=9998, enabled=True),
+        ),
+        allowed=(
+            AllowedRequest("GET", "/api/v.1.1/suppliers"),
+            AllowedRequest("GET", "/api/{version}/suppliers"),
+            AllowedRequest("POST", "/api/{version}/lookup"),
+            AllowedRequest("GET", "/"),
+            AllowedRequest("OPTIONS", "/api/{version}/"),
+        ),
+        tls_cert=base / "tls" / "balancer_cert.pem",
+        tls_key=base / "tls" / "balancer_key.pem",
+        timeouts=Timeouts(connect=5.0, read=60.0),
+        workers=2,
+        event_delimiter=" ",
+    )
+    assert config.tls is True
+    assert [i.line for i in config.instances] == [14, 15, 16, 17]
+    assert [r.line for r in config.allowed] == [20, 22, 23, 24, 25]
+    assert [i.host for i in config.enabled_instances] == ["192.0.2.10", "2001:db8::1", "ct-3.example."]
+
+
+def test_relative_paths_are_resolved_against_the_file_not_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "cert.pem").write_text("cert")
+    (tmp_path / "elsewhere").mkdir()
+    path = write(
+        tmp_path / "etc",
+        edit(
+            "  <CertDirPath>certs</CertDirPath>",
+            "  <SSLCertificatePath>cert.pem</SSLCertificatePath>\n"
+            f"  <SSLPrivateKeyPath>{tmp_path}/etc/cert.pem</SSLPrivateKeyPath>\n"
+            "  <CertDirPath>../pins</CertDirPath>",
+        ),
+    )
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = load(os.path.relpath(path))
+    assert config.cert_dir == tmp_path.resolve() / "etc" / ".." / "pins"
+    assert config.tls_cert == tmp_path.resolve() / "etc" / "cert.pem"
+    assert config.tls_key == tmp_path / "etc" / "cert.pem"
+
+
+def test_absolute_certdirpath_is_kept(tmp_path: Path) -> None:
+    config = load(write(tmp_path, edit(">certs<", ">/var/lib/ctbalancer/certs<")))
+    assert config.cert_dir == Path("/var/lib/ctbalancer/certs")
+
+
+def test_defaults_without_optional_elements(tmp_path: Path) -> None:
+    text = edit("  <AllowedRequests>\n" + REQUEST_10, "").replace(
+        '    <Request method="GET">/api/{version}/suppliers</Request>\n  </AllowedRequests>\n', ""
+    )
+    config = load(write(tmp_path, text))
+    assert (config.allowed, config.timeouts, config.workers) == ((), Timeouts(5.0, 60.0), 2)
+    assert (config.tls_cert, config.tls_key, config.tls, config.event_delimiter) == (None, None, False, None)
+
+
+def test_timeouts_and_workers_are_read(tmp_path: Path) -> None:
+    config = load(write(tmp_path, before_end('  <Timeouts connect="2.5" read="300"/>\n  <Workers>8</Workers>')))
+    assert (config.timeouts, config.workers) == (Timeouts(connect=2.5, read=300.0), 8)
+    config = load(write(tmp_path, before_end('  <Timeouts read="1"/>'), "read-only.conf"))
+    assert config.timeouts == Timeouts(connect=5.0, read=1.0)
+
+
+def test_the_objects_are_frozen(tmp_path: Path) -> None:
+    config = load(write(tmp_path, BASE))
+    changes = [
+        (config, "workers", 3),
+        (config.balancer, "api_port", 1),
+        (config.instances[0], "enabled", False),
+        (config.allowed[0], "path", "/"),
+        (config.timeouts, "read", 1.0),
+    ]
+    for obj, name, value in changes:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, value)
+    assert isinstance(config.instances, tuple) and isinstance(config.allowed, tuple)
+
+
+@pytest.mark.parametrize(
+    ("address", "bind"),
+    [
+        ("127.0.0.1", "127.0.0.1:9443"),
+        ("0.0.0.0", "0.0.0.0:9443"),
+        ("::1", "[::1]:9443"),
+        ("::", "[::]:9443"),
+        ("2001:db8::5", "[2001:db8::5]:9443"),
+        ("balancer.example", "balancer.example:9443"),
+    ],
+)
+def test_balancer_bind(tmp_path: Path, address: str, bind: str) -> None:
+    config = load(write(tmp_path, attr(">127.0.0.1<", f">{address}<")))
+    assert config.balancer.address == address
+    assert config.balancer.bind == bind
+
+
+@pytest.mark.parametrize(
+    ("host", "name", "reference_name"),
+    [
+        ("192.0.2.10", "192.0.2.10:443", "192.0.2.10_9999.pem"),
+        ("2001:db8::1", "[2001:db8::1]:443", "2001:db8::1_9999.pem"),
+        ("ct-1.example", "ct-1.example:443", "ct-1.example_9999.pem"),
+    ],
+)
+def test_instance_names(tmp_path: Path, host: str, name: str, reference_name: str) -> None:
+    instance = load(write(tmp_path, edit(">192.0.2.10<", f">{host}<"))).instances[0]
+    assert (instance.name, instance.base_url, instance.reference_name) == (name, f"https://{name}/", reference_name)
+
+
+def test_config_path_comes_from_the_environment() -> None:
+    assert config_path({"BALANCER_CONFIG": "/etc/ctbalancer/kl_balancer.conf"}) == Path(
+        "/etc/ctbalancer/kl_balancer.conf"
+    )
+    assert config_path({"BALANCER_CONFIG": ""}) == Path("config/kl_balancer.conf")
+    assert config_path({}) == Path("config/kl_balancer.conf")
+
+
+def test_example_configuration_loads() -> None:
+    config = load(EXAMPLE)
+    assert config.balancer == BalancerSpec("127.0.0.1", 9443, 9999, 9998, 10)
+    assert config.cert_dir == EXAMPLE.parent / "certs"
+    assert config.instances == (
+        InstanceSpec("192.0.2.10", 443, 9999, True),
+        InstanceSpec("192.0.2.11", 443, 9999, False),
+    )
+    assert config.allowed == (
+        AllowedRequest("GET", "/api/v.1.1/suppliers"),
+        AllowedRequest("GET", "/api/{version}/suppliers"),
+        AllowedRequest("POST", "/api/{version}/lookup"),
+    )
+    assert (config.tls, config.timeouts, config.workers, config.event_delimiter) == (
+        False,
+        Timeouts(5.0, 60.0),
+        2,
+        "\\|",
+    )
+
+
+def test_example_configuration_documents_every_root_element() -> None:
+    text = EXAMPLE.read_text()
+    for tag in ROOT_ELEMENTS.split(", "):
+        assert f"<{tag}" in text, tag
+
+
+# -- start-up commands -----------------------------------------------------------------------------------
+
+START_COMMANDS = [
+    pytest.param(["-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], id="gunicorn"),
+    pytest.param(["-m", "flask", "--app", "wsgi", "routes"], id="flask-routes"),
+]
+
+
+def run(args: list[str], config: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    # Only the file under test: a BALANCER_WORKERS or BALANCER_LOG_LEVEL of the caller would change the outcome.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}
+    env["BALANCER_CONFIG"] = str(config)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("args", START_COMMANDS)
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param(
+            attr('api_port="9443"', 'api_port="0"'),
+            "{path}:3: <Balancer> attribute api_port='0' is out of range; expected 1 to 65535",
+            id="port-0",
+        ),
+        pytest.param(
+            edit("</CertDirPath>", ""),
+            "{path}:13: malformed XML at column 10: Opening and ending tag mismatch: CertDirPath line 4 and Config; "
+            + XML_EXPECTED,
+            id="malformed",
+        ),
+        pytest.param(
+            PASSWD,
+            "{path}:3: <!DOCTYPE> is not allowed (DTDs and entities are refused); expected none",
+            id="external-entity",
+        ),
+    ],
+)
+def test_start_up_stops_with_one_line_on_a_bad_configuration(
+    tmp_path: Path, args: list[str], content: str, reason: str
+) -> None:
+    path = write(tmp_path, content)
+    started = time.monotonic()
+    done = run(args, path)
+    assert time.monotonic() - started < 20
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("ctbalancer: configuration error: ")]
+    assert errors == [f"ctbalancer: configuration error: {reason.format(path=path)}"]
+    assert errors[0].startswith(f"ctbalancer: configuration error: {path}:")
+    assert done.stderr == errors[0] + "\n"
+
+
+@pytest.mark.parametrize("args", START_COMMANDS)
+def test_start_up_stops_with_one_line_on_a_missing_configuration(tmp_path: Path, args: list[str]) -> None:
+    path = tmp_path / "missing.conf"
+    done = run(args, path)
+    assert done.returncode != 0
+    assert done.stderr == (
+        f"ctbalancer: configuration error: {path}: cannot read the configuration: No such file or directory; "
+        "expected a readable kl_balancer.conf\n"
+    )
+
+
+def test_gunicorn_conf_loads_neither_ssl_nor_http_libraries(tmp_path: Path) -> None:
+    """gunicorn.conf.py runs in the master: ssl loaded there breaks gevent's patching (DESIGN section 7)."""
+    path = write(tmp_path, BASE)
+    code = (
+        "import runpy,sys; runpy.run_path('gunicorn.conf.py'); "
+        "print(sorted(m for m in ('ssl','urllib3','requests','flask','gevent') if m in sys.modules))"
+    )
+    assert run(["-c", code], path).stdout == "[]\n"
+    # The strongest form: nothing of the app but its config loader, and no TLS or HTTP module at all.
+    code = (
+        "import json, runpy, sys; ns = runpy.run_path('gunicorn.conf.py'); print(json.dumps(["
+        "sorted(m for m in sys.modules if m.split('.')[0] in ('ssl', '_ssl', 'urllib3', 'requests', 'flask', "
+        "'werkzeug', 'gevent', 'greenlet', 'cryptography', 'filelock', 'http', 'gunicorn')), "
+        "sorted(m for m in sys.modules if m.split('.')[0] == 'app'), ns['bind'], ns['workers'], "
+        "'certfile' in ns]))"
+    )
+    done = run(["-c", code], path)
+    assert json.loads(done.stdout) == [[], ["app", "app.config"], ["127.0.0.1:9443"], 2, False], done.stderr
