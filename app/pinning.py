@@ -75,6 +75,15 @@ class PinningAdapter(HTTPAdapter):
         self._ssl_context = ssl_context or unverified_context()
         super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0)
 
+    def request_url(self, request: Any, proxies: Any) -> str:
+        """The request target exactly as prepared: everything after the authority.
+
+        requests' ``path_url`` rebuilds it with ``urlsplit`` and drops the
+        ``?`` of an empty query (RFC 3986 section 6.2.3: not the same URI).
+        """
+        url: str = request.url
+        return url[url.index("/", url.index("//") + 2) :]
+
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         super().init_poolmanager(connections, maxsize, block, ssl_context=self._ssl_context, **pool_kwargs)
         # pool_classes_by_scheme is a module-level dict in urllib3: assign a

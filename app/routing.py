@@ -42,11 +42,11 @@ _ENCODED_CONTROL = re.compile(r"%(?:25)?(?:[01][0-9a-f]|7f)", re.IGNORECASE)
 # Control characters, space, "#" and anything outside ASCII: never valid raw in
 # a request target, and re-encoding them on the way out would change the bytes.
 _FORBIDDEN_ANYWHERE = re.compile(r"[^\x21-\x7e]|#")
-# Characters RFC 3986 does not allow in a path (section 3.3: "[" and "]" are
-# gen-delims, not pchar); urllib3 would percent-encode them on the way out.
-# Clients do send some of them raw in queries, where they cannot change which
-# resource is meant.
-_FORBIDDEN_IN_PATH = re.compile(r'["<>\\^`{|}\[\]]')
+# Characters RFC 3986 does not allow raw in a path or a query (sections 3.3
+# and 3.4: "[" and "]" are gen-delims, not pchar). urllib3 would
+# percent-encode them on the way out, so the instance would not see what the
+# client sent (DESIGN section 5): the client must encode them itself.
+_NOT_IN_URI = re.compile(r'["<>\\^`{|}\[\]]')
 
 
 def to_rule(path: str) -> str:
@@ -90,8 +90,13 @@ def check_target(target: str) -> str:
             "The request target must be a path starting with '/'; absolute and asterisk forms are not forwarded."
         )
     path, _, query = target.partition("?")
-    if _FORBIDDEN_ANYWHERE.search(target) or _FORBIDDEN_IN_PATH.search(path):
+    if _FORBIDDEN_ANYWHERE.search(target):
         raise InvalidPath("The request target contains a character that is not allowed in a URI.")
+    if _NOT_IN_URI.search(target):
+        raise InvalidPath(
+            "The request target contains a character that must be percent-encoded (RFC 3986), "
+            'one of " < > \\ ^ ` { | } [ ].'
+        )
     if _PERCENT.search(target):
         raise InvalidPath("The request target contains a '%' that does not start an escape.")
     if _ENCODED_SEPARATOR.search(path):
