@@ -346,8 +346,8 @@ class _Reader:
                 line=el.sourceline or 0,
             )
             for seen, key, what in (
-                (seen_ref, (inst.host, inst.matching_port), f"host {host!r} and matching_port {inst.matching_port}"),
-                (seen_api, (inst.host, inst.api_port), f"host {host!r} and api_port {inst.api_port}"),
+                (seen_ref, (inst.host.lower(), inst.matching_port), f"host {host!r} and matching_port {inst.matching_port}"),
+                (seen_api, (inst.host.lower(), inst.api_port), f"host {host!r} and api_port {inst.api_port}"),
             ):
                 if key in seen:
                     raise self.fail(
@@ -520,6 +520,9 @@ def _children(el: etree._Element) -> Iterator[etree._Element]:
 
 def _is_host(value: str) -> bool:
     """True for an IP address or an RFC 1123 host name (safe as a file name part)."""
+    if "%" in value:
+        # An IPv6 zone (fe80::1%eth0) would put "%" in the reference file name.
+        return False
     try:
         ipaddress.ip_address(value)
         return True

@@ -323,6 +323,18 @@ BROKEN = [
         "{path}:7: <Instance> host '192.0.2.10' and api_port 443 repeat the instance on line 6; expected each once",
     ),
     param(
+        "duplicate-host-differing-only-in-case",
+        edit(INSTANCE_6 + INSTANCE_7, '    <Instance matching_port="9999" api_port="443">ct1.example</Instance>\n'
+             '    <Instance matching_port="9999" api_port="8443">CT1.example</Instance>\n'),
+        "{path}:7: <Instance> host 'CT1.example' and matching_port 9999 repeat the instance on line 6; "
+        "expected each once",
+    ),
+    param(
+        "host-with-ipv6-zone",
+        host("fe80::1%eth0"),
+        "{path}:6: <Instance> host 'fe80::1%eth0' is not valid; expected a host name or an IPv4 or IPv6 address",
+    ),
+    param(
         "enable-typo",
         edit('enabled="false"', 'enable="false"'),
         "{path}:7: <Instance> has unknown attribute 'enable'; expected: api_port, matching_port, enabled",
