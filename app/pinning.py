@@ -10,11 +10,18 @@ Chain, expiry and host name are not checked (``CERT_NONE``): the pin is the
 identity (DESIGN section 3). A refusal is raised as a
 :class:`~app.errors.BalancerError`, which is not an ``OSError`` and so
 travels through urllib3 and requests untouched.
+
+A keep-alive connection is checked once, when it opens. The connection keeps
+what the pin check returned; when that has an ``is_current()`` that now says
+False (the reference file was replaced or deleted, issue #5),
+:class:`PinningHTTPSConnectionPool` closes the connection before reuse, so
+urllib3 opens a new one and the check runs again (DESIGN section 7).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import ssl
 from typing import Any, Callable
 
@@ -23,6 +30,10 @@ from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.util.ssl_ import create_urllib3_context
 
+log = logging.getLogger(__name__)
+
+#: Checks a peer's DER certificate; raises to refuse it. What it returns is
+#: kept by the connection (see :meth:`PinningHTTPSConnection.pin_is_current`).
 PinCheck = Callable[[bytes], object]
 
 
@@ -32,20 +43,28 @@ class PinningHTTPSConnection(HTTPSConnection):
     def __init__(self, *args: Any, pin_check: PinCheck, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pin_check = pin_check
+        #: What the pin check returned for the peer of this connection.
+        self.pinned: object = None
 
     def connect(self) -> None:
+        self.pinned = None
         super().connect()
         try:
             der = self.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
             if not der:
                 raise ssl.SSLError("the instance presented no certificate")
-            self._pin_check(der)
+            self.pinned = self._pin_check(der)
         except BaseException:
             self.close()
             raise
         # The pin, not a CA, verified this peer; saying so also keeps urllib3
         # from warning about an unverified request on every request.
         self.is_verified = True
+
+    def pin_is_current(self) -> bool:
+        """Whether the reference this connection was checked against still holds."""
+        is_current = getattr(self.pinned, "is_current", None)
+        return is_current is None or bool(is_current())
 
 
 class PinningHTTPSConnectionPool(HTTPSConnectionPool):
@@ -56,6 +75,18 @@ class PinningHTTPSConnectionPool(HTTPSConnectionPool):
     """
 
     ConnectionCls = PinningHTTPSConnection  # type: ignore[assignment]
+
+    def _get_conn(self, timeout: float | None = None) -> PinningHTTPSConnection:  # type: ignore[override]
+        """A connection from the pool, closed first if its reference changed since it was checked.
+
+        urllib3 reconnects a closed connection before writing the request
+        (``_validate_conn``), and ``connect()`` runs the pin check again.
+        """
+        conn: PinningHTTPSConnection = super()._get_conn(timeout)  # type: ignore[assignment]
+        if not conn.is_closed and not conn.pin_is_current():
+            log.debug("closing a connection to %s:%s checked against a replaced reference", self.host, self.port)
+            conn.close()
+        return conn
 
 
 def unverified_context() -> ssl.SSLContext:

@@ -3,16 +3,21 @@
 A reference is ``<CertDirPath>/<host>_<matching_port>.pem``: the instance's
 leaf certificate in PEM, DER-equal to what it presented. The store
 
-* reads a reference once per worker and keeps it in memory, so checking a new
-  connection costs no disk read;
+* keeps each reference in memory, so checking a new connection costs no disk
+  read, and re-stats its file at most every :data:`RECHECK_INTERVAL` seconds
+  (lazily, on use): a file replaced (``pins trust``, or by hand) or deleted
+  (``pins forget``) bumps the reference's *generation*, and connections
+  checked against an older generation are dropped by the pool (issue #5,
+  DESIGN section 7);
 * saves a first-seen certificate atomically and only if no file exists:
   written to a temporary file, then ``os.link``-ed to its final name, which
   fails if another worker won the race; the loser compares against the
-  winner's file (DESIGN section 7);
+  winner's file (DESIGN section 3);
 * serialises first contacts per reference with an in-process lock (one
-  greenlet or thread at a time) and, across workers, a ``filelock`` lock file
-  created per use;
-* never overwrites, repairs or deletes a reference.
+  greenlet or thread at a time) and, across workers and with the ``pins``
+  commands, a ``filelock`` lock file created per use (:func:`reference_lock`);
+* never overwrites, repairs or deletes a reference itself: only an operator
+  does, through :func:`replace_reference` and :func:`delete_reference`.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional, Tuple
 
 import filelock
 from cryptography import x509
@@ -42,9 +49,20 @@ log = logging.getLogger(__name__)
 #: How long a first contact waits for another process saving the same reference.
 LOCK_TIMEOUT = 10.0
 
+#: Seconds between two looks at a reference file by one worker: a change is
+#: picked up within this time, and serving costs at most one stat per
+#: reference per interval, never a read per request.
+RECHECK_INTERVAL = 0.5
+
+#: The command an operator runs to accept a new certificate (shown in logs).
+TRUST_COMMAND = "flask --app wsgi pins trust"
+
 _PEM_BLOCK = re.compile(
     rb"\A\s*-----BEGIN CERTIFICATE-----\r?\n([A-Za-z0-9+/=\r\n]+?)-----END CERTIFICATE-----\s*\Z"
 )
+
+#: What identifies one version of a file: (st_mtime_ns, st_size, st_ino).
+Signature = Tuple[int, int, int]
 
 
 class NotACertificate(ValueError):
@@ -54,6 +72,11 @@ class NotACertificate(ValueError):
 def sha256(der: bytes) -> str:
     """Lower-case hex SHA-256 of a DER certificate."""
     return hashlib.sha256(der).hexdigest()
+
+
+def same_fingerprint(expected: str, received: str) -> bool:
+    """Whether two hex SHA-256 fingerprints are equal, compared in constant time."""
+    return hmac.compare_digest(expected.lower(), received.lower())
 
 
 def der_to_pem(der: bytes) -> bytes:
@@ -94,28 +117,169 @@ def read_reference(path: Path) -> bytes:
     missing), :class:`NotACertificate` or :class:`OSError` when it exists but
     cannot be used.
     """
+    return _read_signed(path)[0]
+
+
+def _read_signed(path: Path) -> tuple[bytes, Signature]:
+    """DER of the reference at *path* and the signature of the file version read."""
     with open(path, "rb") as f:
+        # Signature first: a write after it changes the mtime, so the next
+        # look sees a change even if this read caught the new content.
+        signature = _signature(os.fstat(f.fileno()))
         data = f.read(64 * 1024 + 1)
     if len(data) > 64 * 1024:
         raise NotACertificate("the file is larger than 64 KiB; expected one certificate")
-    return pem_to_der(data)
+    return pem_to_der(data), signature
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+# -- operator changes, shared by the server and the ``pins`` commands ---------
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file that serialises every change of the reference at *path*."""
+    return path.parent / f".{path.name}.lock"
+
+
+def acquire_reference_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> filelock.BaseFileLock:
+    """Take the lock file beside the reference at *path*, creating CertDirPath (0700) if needed.
+
+    The lock object is created per use (DESIGN section 7): filelock polls a
+    non-blocking ``flock`` and sleeps between tries, so under gevent a
+    waiting greenlet yields instead of blocking the hub. Raises
+    :class:`filelock.Timeout` or :class:`OSError`; the caller releases it.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = filelock.FileLock(lock_path(path), timeout=timeout, mode=0o600)
+    lock.acquire()
+    return lock
+
+
+@contextlib.contextmanager
+def reference_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the lock that the server's first contacts and the ``pins`` commands share."""
+    lock = acquire_reference_lock(path, timeout)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def replace_reference(path: Path, der: bytes) -> None:
+    """Make *path* hold *der* in one step, whatever it held before; call under :func:`reference_lock`.
+
+    Written to a temporary file in the same directory, fsync-ed, then
+    ``os.replace``-d over the old file: a reader sees the old certificate or
+    the new one, never a partial file. Running workers notice the new file
+    within :data:`RECHECK_INTERVAL`.
+    """
+    tmp = _write_temporary(path, der)
+    try:
+        os.replace(tmp, path)
+    finally:
+        _unlink_quietly(tmp)
+    _fsync_dir(path.parent)
+
+
+def delete_reference(path: Path) -> bool:
+    """Delete the reference at *path*, so the next contact learns again; call under :func:`reference_lock`.
+
+    Returns False when there was no file.
+    """
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    _fsync_dir(path.parent)
+    return True
+
+
+def _write_temporary(path: Path, der: bytes) -> Path:
+    """A fsync-ed temporary file beside *path* holding *der* in PEM; the caller links or removes it."""
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(der_to_pem(der))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def loose_permissions(cert_dir: Path) -> list[str]:
+    """CertDirPath and reference files that group or others may write, each with its mode.
+
+    Whoever can write there can make the balancer trust another certificate.
+    """
+    found = []
+    try:
+        st = os.stat(cert_dir)
+    except OSError:
+        return found  # created 0700 at the first contact
+    if st.st_mode & 0o022:
+        found.append(f"{cert_dir} (mode {stat.S_IMODE(st.st_mode):04o})")
+    with contextlib.suppress(OSError):
+        for path in sorted(cert_dir.glob("*.pem")):
+            mode = path.lstat().st_mode
+            if mode & 0o022:
+                found.append(f"{path} (mode {stat.S_IMODE(mode):04o})")
+    return found
+
+
+# -- the store a worker checks connections against ------------------------------
 
 
 @dataclass(frozen=True)
 class Reference:
-    """A reference certificate held in memory."""
+    """A reference certificate held in memory by one worker.
+
+    ``generation`` counts the changes of its file this worker has seen; a
+    connection keeps the Reference it was checked against and asks
+    :meth:`is_current` before it is reused.
+    """
 
     path: Path
     der: bytes
     sha256: str
+    generation: int = 0
+    store: Optional["PinStore"] = field(default=None, repr=False, compare=False)
+
+    def is_current(self) -> bool:
+        """False once the file was replaced or deleted (seen within RECHECK_INTERVAL)."""
+        return self.store is None or self.store.generation(self.path.name) == self.generation
+
+
+class _Watch:
+    """What one worker knows about one reference file; changed only by its own greenlets."""
+
+    __slots__ = ("reference", "signature", "checked_at", "generation")
+
+    def __init__(self) -> None:
+        self.reference: Reference | None = None
+        self.signature: Signature | None = None
+        self.checked_at = float("-inf")
+        self.generation = 0
 
 
 class PinStore:
     """Reference certificates of the instances, checked per connection."""
 
-    def __init__(self, cert_dir: Path) -> None:
+    def __init__(
+        self,
+        cert_dir: Path,
+        recheck_interval: float = RECHECK_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cert_dir = cert_dir
-        self._references: dict[str, Reference] = {}
+        self.recheck_interval = recheck_interval
+        self._clock = clock
+        self._watches: dict[str, _Watch] = {}
         self._guards: dict[str, threading.Lock] = {}
 
     def path_for(self, instance: InstanceSpec) -> Path:
@@ -127,31 +291,95 @@ class PinStore:
         Raises :class:`CertificateMismatch`, :class:`ReferenceUnreadable` or
         :class:`ReferenceUnsaved`; the caller must then not send anything.
         """
-        ref = self._references.get(instance.reference_name) or self._load_or_learn(instance, der)
+        ref = self._current(instance.reference_name) or self._load_or_learn(instance, der)
         received = sha256(der)
-        if not hmac.compare_digest(ref.sha256, received):
+        if not same_fingerprint(ref.sha256, received):
             log.error(
-                "certificate mismatch for instance %s:%s: expected sha256 %s (reference %s), received %s",
+                "certificate mismatch for instance %s:%s: expected sha256 %s (reference %s), received %s; "
+                "if the instance's certificate was changed on purpose, accept it with: %s %s --sha256 %s",
                 instance.host,
                 instance.api_port,
                 ref.sha256,
                 ref.path,
                 received,
+                TRUST_COMMAND,
+                instance.name,
+                received,
             )
             raise CertificateMismatch(instance.host, instance.api_port, ref.sha256, received, str(ref.path))
         return ref
 
+    def generation(self, name: str) -> int:
+        """The generation of reference *name*, after a look at its file if the last is old enough."""
+        watch = self._watches.get(name)
+        if watch is None:
+            return 0
+        self._recheck(name, watch)
+        return watch.generation
+
+    # -- noticing operator changes ---------------------------------------------
+
+    def _current(self, name: str) -> Reference | None:
+        """The reference in memory if its file has not changed since it was read."""
+        watch = self._watches.get(name)
+        if watch is None:
+            return None
+        self._recheck(name, watch)
+        return watch.reference
+
+    def _recheck(self, name: str, watch: _Watch) -> None:
+        """Stat the file if RECHECK_INTERVAL has passed; a change starts a new generation.
+
+        Runs without yielding under gevent (stat and a small read are plain
+        syscalls), so greenlets never see a half-updated watch.
+        """
+        now = self._clock()
+        if now - watch.checked_at < self.recheck_interval:
+            return
+        watch.checked_at = now
+        path = self.cert_dir / name
+        try:
+            signature: Signature | None = _signature(os.stat(path))
+        except OSError:
+            signature = None
+        if signature == watch.signature:
+            return
+        old = watch.reference
+        if signature is not None and old is not None:
+            # Rewritten with the same certificate (touched, copied again):
+            # connections checked against it stay valid.
+            with contextlib.suppress(NotACertificate, OSError):
+                der, signature = _read_signed(path)
+                if der == old.der:
+                    watch.signature = signature
+                    return
+        watch.signature = signature
+        watch.reference = None
+        watch.generation += 1
+        if old is not None:
+            log.info(
+                "reference certificate %s was %s; connections checked against sha256 %s will be closed",
+                path,
+                "deleted: the next contact learns again" if signature is None else "replaced",
+                old.sha256,
+            )
+
     # -- loading and learning --------------------------------------------------
 
-    def _remember(self, name: str, path: Path, der: bytes) -> Reference:
-        ref = Reference(path=path, der=der, sha256=sha256(der))
-        self._references[name] = ref
+    def _remember(self, name: str, path: Path, der: bytes, signature: Signature | None) -> Reference:
+        watch = self._watches.get(name)
+        if watch is None:
+            watch = self._watches.setdefault(name, _Watch())
+        ref = Reference(path=path, der=der, sha256=sha256(der), generation=watch.generation, store=self)
+        watch.reference = ref
+        watch.signature = signature
+        watch.checked_at = self._clock()
         return ref
 
     def _read(self, instance: InstanceSpec, path: Path) -> Reference:
         """The reference on disk; FileNotFoundError when there is none."""
         try:
-            der = read_reference(path)
+            der, signature = _read_signed(path)
         except NotADirectoryError as exc:
             # CertDirPath (or a parent) is a file: there is no reference, and
             # learning one will fail with the reason the operator must fix.
@@ -162,7 +390,7 @@ class PinStore:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             log.error("reference certificate %s of instance %s is unusable: %s", path, instance.name, reason)
             raise ReferenceUnreadable(instance.host, instance.api_port, str(path), reason) from exc
-        return self._remember(instance.reference_name, path, der)
+        return self._remember(instance.reference_name, path, der, signature)
 
     def _load_or_learn(self, instance: InstanceSpec, der: bytes) -> Reference:
         path = self.path_for(instance)
@@ -172,7 +400,7 @@ class PinStore:
             pass
         with self._guard(instance.reference_name):
             # Another greenlet of this worker may have learned it meanwhile.
-            cached = self._references.get(instance.reference_name)
+            cached = self._current(instance.reference_name)
             if cached is not None:
                 return cached
             with self._file_lock(instance, path):
@@ -191,15 +419,9 @@ class PinStore:
 
     @contextlib.contextmanager
     def _file_lock(self, instance: InstanceSpec, path: Path) -> Iterator[None]:
-        """Hold the lock file beside the reference, created per use (DESIGN section 7).
-
-        filelock polls a non-blocking ``flock`` and sleeps between tries: under
-        gevent the sleep yields, so a waiting greenlet never blocks the hub.
-        """
-        lock = filelock.FileLock(self.cert_dir / f".{path.name}.lock", timeout=LOCK_TIMEOUT, mode=0o600)
+        """:func:`acquire_reference_lock`, its failures turned into ReferenceUnsaved."""
         try:
-            self.cert_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            lock.acquire()
+            lock = acquire_reference_lock(path)
         except filelock.Timeout as exc:
             raise ReferenceUnsaved(
                 instance.host, instance.api_port, str(path), f"timed out waiting for the lock {exc.lock_file}"
@@ -213,15 +435,11 @@ class PinStore:
 
     def _save(self, instance: InstanceSpec, path: Path, der: bytes) -> Reference:
         """Create *path* holding *der*, only if absent; never a partial file."""
-        tmp = self.cert_dir / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            tmp = _write_temporary(path, der)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(der_to_pem(der))
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.link(tmp, path)
+                signature = _signature(os.stat(path))
             finally:
                 _unlink_quietly(tmp)
             _fsync_dir(self.cert_dir)
@@ -231,7 +449,7 @@ class PinStore:
             return self._read(instance, path)
         except OSError as exc:
             raise self._unsaved(instance, path, exc) from exc
-        ref = self._remember(instance.reference_name, path, der)
+        ref = self._remember(instance.reference_name, path, der, signature)
         log.info(
             "learned reference certificate of instance %s:%s: %s sha256 %s",
             instance.host,

@@ -13,7 +13,18 @@ import trustme
 
 from app.config import InstanceSpec
 from app.errors import CertificateMismatch, ReferenceUnreadable, ReferenceUnsaved
-from app.pins import NotACertificate, PinStore, der_to_pem, pem_to_der, read_reference, sha256
+from app.pins import (
+    NotACertificate,
+    PinStore,
+    delete_reference,
+    der_to_pem,
+    loose_permissions,
+    pem_to_der,
+    read_reference,
+    reference_lock,
+    replace_reference,
+    sha256,
+)
 
 from .support import leaf_der
 
@@ -113,14 +124,124 @@ def test_directory_that_cannot_be_created_refuses_with_unsaved(tmp_path, ders):
     assert blocker.read_text() == "I am a file"
 
 
-def test_reference_is_read_once_per_store(tmp_path, ders):
-    store = PinStore(tmp_path)
-    store.check(INSTANCE, ders[0])
-    # Replaced by hand: this store keeps its reference until the process restarts.
-    (tmp_path / "192.0.2.10_9999.pem").write_bytes(der_to_pem(ders[1]))
-    store.check(INSTANCE, ders[0])
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_reference_is_read_once_then_restated_at_most_every_interval(tmp_path, ders, monkeypatch):
+    clock = FakeClock()
+    store = PinStore(tmp_path, recheck_interval=0.5, clock=clock)
+    first = store.check(INSTANCE, ders[0])
+    path = tmp_path / "192.0.2.10_9999.pem"
+    looks: list[str] = []
+    real_stat, real_open = os.stat, open
+
+    def counting_stat(p, *args, **kwargs):
+        looks.append(f"stat {p}")
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    # Within the interval: no stat, no read, however many connections.
+    for _ in range(100):
+        assert store.check(INSTANCE, ders[0]) is first
+        assert first.is_current()
+    assert looks == []
+    # Replaced by hand (os.replace, as pins trust does): seen at the next look.
+    tmp = tmp_path / "new.pem"
+    tmp.write_bytes(der_to_pem(ders[1]))
+    os.replace(tmp, path)
+    clock.now += 0.4
+    assert first.is_current() and looks == []
+    clock.now += 0.2
+    assert not first.is_current()
+    assert looks == [f"stat {path}"]
+    second = store.check(INSTANCE, ders[1])
+    assert (second.sha256, second.generation) == (sha256(ders[1]), first.generation + 1)
     with pytest.raises(CertificateMismatch):
-        PinStore(tmp_path).check(INSTANCE, ders[0])
+        store.check(INSTANCE, ders[0])
+    # Deleted: forgotten, and the next contact learns again (with whatever it is shown).
+    path.unlink()
+    clock.now += 1
+    assert not second.is_current()
+    third = store.check(INSTANCE, ders[2])
+    assert read_reference(path) == ders[2]
+    assert third.generation == second.generation + 1 and third.is_current()
+
+
+def test_same_certificate_written_again_keeps_connections(tmp_path, ders):
+    clock = FakeClock()
+    store = PinStore(tmp_path, clock=clock)
+    ref = store.check(INSTANCE, ders[0])
+    path = tmp_path / "192.0.2.10_9999.pem"
+    path.unlink()
+    path.write_bytes(der_to_pem(ders[0]))  # same certificate, new inode
+    clock.now += 1
+    assert ref.is_current()
+    assert store.check(INSTANCE, ders[0]) is ref
+
+
+def test_reference_made_unreadable_is_refused_at_the_next_look(tmp_path, ders):
+    clock = FakeClock()
+    store = PinStore(tmp_path, clock=clock)
+    ref = store.check(INSTANCE, ders[0])
+    (tmp_path / "192.0.2.10_9999.pem").write_bytes(b"damaged")
+    clock.now += 1
+    assert not ref.is_current()
+    with pytest.raises(ReferenceUnreadable):
+        store.check(INSTANCE, ders[0])
+    assert (tmp_path / "192.0.2.10_9999.pem").read_bytes() == b"damaged"
+
+
+def test_replace_reference_is_atomic_and_leaves_no_temporary_file(tmp_path, ders):
+    path = tmp_path / "certs" / "192.0.2.10_9999.pem"
+    with reference_lock(path):
+        replace_reference(path, ders[0])
+    with reference_lock(path):
+        replace_reference(path, ders[1])
+    assert read_reference(path) == ders[1]
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    assert sorted(p.name for p in path.parent.iterdir()) == [".192.0.2.10_9999.pem.lock", "192.0.2.10_9999.pem"]
+    with reference_lock(path):
+        assert delete_reference(path) is True
+        assert delete_reference(path) is False
+
+
+def test_reference_lock_is_the_one_first_contacts_take(tmp_path, ders):
+    """A first contact waits while an operator command holds the lock, then compares with what it wrote."""
+    path = tmp_path / "192.0.2.10_9999.pem"
+    store = PinStore(tmp_path)
+    results: list[object] = []
+    with reference_lock(path):
+        t = threading.Thread(target=lambda: results.append(_outcome(store, ders[0])))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and results == []
+        replace_reference(path, ders[1])
+    t.join(10)
+    assert results == ["mismatch"]
+
+
+def _outcome(store: PinStore, der: bytes) -> str:
+    try:
+        store.check(INSTANCE, der)
+        return "accepted"
+    except CertificateMismatch:
+        return "mismatch"
+
+
+def test_loose_permissions_are_reported(tmp_path, ders):
+    cert_dir = tmp_path / "certs"
+    assert loose_permissions(cert_dir) == []
+    PinStore(cert_dir).check(INSTANCE, ders[0])
+    assert loose_permissions(cert_dir) == []
+    path = cert_dir / "192.0.2.10_9999.pem"
+    path.chmod(0o664)
+    cert_dir.chmod(0o777)
+    assert loose_permissions(cert_dir) == [f"{cert_dir} (mode 0777)", f"{path} (mode 0664)"]
 
 
 def test_threads_racing_on_first_contact_save_one_file(tmp_path, ders):
