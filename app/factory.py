@@ -7,8 +7,9 @@ import logging
 from flask import Flask
 
 from . import config as config_module
+from .cli import pins
 from .config import Config, ConfigError
-from .pins import PinStore
+from .pins import PinStore, loose_permissions
 from .proxy import install
 from .upstream import Balancer
 
@@ -31,6 +32,10 @@ def create_app(config: Config | None = None) -> Flask:
     # Keys in the order written: error bodies read code, description, then details.
     app.json.sort_keys = False  # type: ignore[attr-defined]
     install(app, config, Balancer(config, PinStore(config.cert_dir)))
+    app.cli.add_command(pins)
+    for loose in loose_permissions(config.cert_dir):
+        log.warning("%s is writable by group or others: whoever can write there decides which certificates "
+                    "the balancer trusts; chmod go-w it", loose)
     if not config.tls:
         log.warning(
             "no SSLCertificatePath/SSLPrivateKeyPath in %s: serving plain HTTP on port %s",

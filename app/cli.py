@@ -1,0 +1,426 @@
+"""``flask --app wsgi pins ...``: look at, check and change the reference certificates without downtime.
+
+The commands read the configuration the server reads (``BALANCER_CONFIG``)
+and change reference files only the way the server expects them to change:
+atomically, under the same per-reference lock file (:mod:`app.pins`).
+Running workers notice a replaced or deleted file within a second and close
+the keep-alive connections checked against the old one (issue #5).
+
+An instance is named ``HOST:PORT`` with PORT its ``api_port`` (``[v6]:PORT``
+for an IPv6 address), or ``HOST`` alone when only one instance has that host.
+Errors are one line on stderr, with an exit status per cause:
+
+====  ==========================================================
+0     done (check: every instance matches or would be learned)
+1     configuration error; or a confirmation was declined
+2     usage error: bad fingerprint format, bad name, bad PEM file
+3     unknown instance (the message lists the configured names)
+4     ambiguous HOST (the message lists the candidates)
+5     instance unreachable
+6     certificate mismatch (check), or fingerprint mismatch (trust)
+7     reference file unreadable (check)
+====  ==========================================================
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import ssl
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+import urllib3.exceptions
+from cryptography import x509
+from flask import current_app
+from flask.cli import AppGroup
+
+from .config import Config, InstanceSpec
+from .pins import (
+    NotACertificate,
+    TRUST_COMMAND,
+    delete_reference,
+    pem_to_der,
+    read_reference,
+    reference_lock,
+    replace_reference,
+    same_fingerprint,
+    sha256,
+)
+from .pinning import PinningHTTPSConnection, unverified_context
+
+EXIT_DECLINED = 1
+EXIT_USAGE = 2
+EXIT_UNKNOWN = 3
+EXIT_AMBIGUOUS = 4
+EXIT_UNREACHABLE = 5
+EXIT_MISMATCH = 6
+EXIT_UNREADABLE = 7
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+
+pins = AppGroup("pins", help="Reference certificates of the instances: list, check, trust, forget, prune.")
+
+
+class PinsError(click.ClickException):
+    """A one-line error with its own exit status."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Unreachable(Exception):
+    """No TLS handshake with the instance; ``str()`` says why."""
+
+
+# -- naming instances ------------------------------------------------------------
+
+
+def parse_name(name: str) -> tuple[str, int | None]:
+    """``HOST:PORT``, ``[v6]:PORT``, ``HOST`` or a bare IPv6 address, as (host, port or None)."""
+    text = name.strip()
+    port_text: str | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise PinsError(f"{name!r} is not HOST, HOST:PORT or [IPv6]:PORT", EXIT_USAGE)
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host = text  # a host name, or an IPv6 address without a port
+    if not host:
+        raise PinsError(f"{name!r} is not HOST, HOST:PORT or [IPv6]:PORT", EXIT_USAGE)
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise PinsError(f"{name!r}: the port must be the instance's api_port, 1 to 65535", EXIT_USAGE)
+    return host, int(port_text)
+
+
+def same_host(a: str, b: str) -> bool:
+    """Host names compare case-insensitively, IP addresses by value (``::1`` equals ``0::1``)."""
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a.lower().rstrip(".") == b.lower().rstrip(".")
+
+
+def resolve(config: Config, name: str) -> InstanceSpec:
+    """The configured instance *name* designates; unknown or ambiguous names are errors."""
+    host, port = parse_name(name)
+    found = [i for i in config.instances if same_host(i.host, host) and port in (None, i.api_port)]
+    if not found:
+        known = ", ".join(i.name for i in config.instances)
+        raise PinsError(f"unknown instance {name!r}; configured in {config.path}: {known}", EXIT_UNKNOWN)
+    if len(found) > 1:
+        candidates = ", ".join(i.name for i in found)
+        raise PinsError(f"{name!r} is ambiguous: {candidates}; name one as HOST:PORT", EXIT_AMBIGUOUS)
+    return found[0]
+
+
+def parse_fingerprint(text: str) -> str:
+    """Lower-case hex of a SHA-256 fingerprint given with or without colons, in any case."""
+    digits = text.strip().replace(":", "").lower()
+    if not _FINGERPRINT.fullmatch(digits):
+        raise PinsError(
+            f"--sha256 {text!r} is not a SHA-256 fingerprint: expected 64 hexadecimal digits, colons allowed",
+            EXIT_USAGE,
+        )
+    return digits
+
+
+# -- talking to instances, reading files ----------------------------------------------
+
+
+def presented_certificate(instance: InstanceSpec, timeout: float) -> bytes:
+    """DER of the certificate *instance* presents now: a TLS handshake, no request.
+
+    Uses the balancer's own connection class, with a pin check that only
+    records what it is shown: nothing is written.
+    """
+    seen: list[bytes] = []
+    conn = PinningHTTPSConnection(
+        instance.host, instance.api_port, timeout=timeout, ssl_context=unverified_context(), pin_check=seen.append
+    )
+    try:
+        conn.connect()
+    except urllib3.exceptions.NameResolutionError as exc:
+        raise Unreachable(f"cannot resolve {instance.host}") from exc
+    except urllib3.exceptions.NewConnectionError as exc:
+        cause = exc.__cause__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause or exc)
+        raise Unreachable(reason[:1].lower() + reason[1:]) from exc
+    except urllib3.exceptions.ConnectTimeoutError as exc:
+        raise Unreachable(f"no connection within the connect timeout ({timeout:g} s)") from exc
+    except TimeoutError as exc:
+        raise Unreachable(f"no TLS handshake within the connect timeout ({timeout:g} s)") from exc
+    except ssl.SSLError as exc:
+        raise Unreachable(f"TLS handshake failed ({exc.reason or exc})") from exc
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
+        raise Unreachable(str(exc) or type(exc).__name__) from exc
+    finally:
+        conn.close()
+    return seen[0]
+
+
+def read_state(path: Path) -> tuple[bytes | None, str]:
+    """(DER or None, state) of the reference at *path*: pinned, not yet pinned, unreadable: reason."""
+    try:
+        return read_reference(path), "pinned"
+    except (FileNotFoundError, NotADirectoryError):
+        return None, "not yet pinned"
+    except NotACertificate as exc:
+        return None, f"unreadable: {exc}"
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+
+
+def reference_files(cert_dir: Path) -> list[Path]:
+    """The ``*.pem`` files in CertDirPath, without dot-files (locks, temporary files)."""
+    try:
+        return sorted(p for p in cert_dir.iterdir() if p.name.endswith(".pem") and not p.name.startswith("."))
+    except OSError:
+        return []
+
+
+def describe(der: bytes) -> tuple[str, str]:
+    """(subject, not-after) of a certificate, for people."""
+    cert = x509.load_der_x509_certificate(der)
+    not_after = cert.not_valid_after_utc
+    when = not_after.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if not_after < datetime.now(timezone.utc):
+        when += " (expired; the balancer does not check expiry)"
+    return cert.subject.rfc4514_string() or "(empty)", when
+
+
+def _config() -> Config:
+    return current_app.config["BALANCER"]
+
+
+def _out(label: str, value: str) -> None:
+    click.echo(f"  {label + ':':<11} {value}")
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+@pins.command("list")
+def list_command() -> None:
+    """Every configured instance with its reference, then references no instance uses."""
+    config = _config()
+    click.echo(f"configuration: {config.path}")
+    click.echo(f"CertDirPath:   {config.cert_dir}")
+    used = set()
+    for instance in config.instances:
+        path = config.cert_dir / instance.reference_name
+        used.add(path.name)
+        click.echo("")
+        click.echo(f"{instance.name} ({'enabled' if instance.enabled else 'disabled'})")
+        _out("reference", str(path))
+        der, state = read_state(path)
+        _out("state", state)
+        if der is not None:
+            subject, not_after = describe(der)
+            _out("sha256", sha256(der))
+            _out("subject", subject)
+            _out("not after", not_after)
+    others = [p for p in reference_files(config.cert_dir) if p.name not in used]
+    click.echo("")
+    if not others:
+        click.echo("unconfigured references: none")
+        return
+    click.echo(f"unconfigured references ({len(others)}; flask --app wsgi pins prune deletes them):")
+    for path in others:
+        der, state = read_state(path)
+        click.echo(f"  {path}  {'sha256 ' + sha256(der) if der is not None else state}")
+
+
+@pins.command("check")
+@click.argument("name", metavar="[HOST[:PORT]]", required=False)
+def check_command(name: str | None) -> None:
+    """Connect now and compare each presented certificate with its reference; writes nothing.
+
+    Without a name, every enabled instance; a disabled one only when named.
+    """
+    config = _config()
+    instances = [resolve(config, name)] if name else list(config.enabled_instances)
+    if not instances:
+        click.echo(f"no enabled instance in {config.path}; name one to check it")
+        return
+    worst = 0
+    for i, instance in enumerate(instances):
+        if i:
+            click.echo("")
+        worst = max(worst, _check_one(config, instance), key=_severity)
+    if worst:
+        raise SystemExit(worst)
+
+
+def _severity(code: int) -> int:
+    # A mismatch matters most, then a damaged reference, then a stopped instance.
+    return {0: 0, EXIT_UNREACHABLE: 1, EXIT_UNREADABLE: 2, EXIT_MISMATCH: 3}[code]
+
+
+def _check_one(config: Config, instance: InstanceSpec) -> int:
+    path = config.cert_dir / instance.reference_name
+    expected, state = read_state(path)
+    try:
+        presented: bytes | None = presented_certificate(instance, config.timeouts.connect)
+        problem = None
+    except Unreachable as exc:
+        presented, problem = None, str(exc)
+    click.echo(f"{instance.name}{'' if instance.enabled else ' (disabled)'}")
+    _out("host", instance.host)
+    _out("port", str(instance.api_port))
+    _out("reference", str(path))
+    _out("expected", sha256(expected) if expected is not None else f"- ({state})")
+    _out("presented", sha256(presented) if presented is not None else "-")
+    if state.startswith("unreadable"):
+        _out("verdict", f"reference {state}")
+        return EXIT_UNREADABLE
+    if problem is not None:
+        _out("verdict", f"unreachable: {problem}")
+        return EXIT_UNREACHABLE
+    assert presented is not None
+    if expected is None:
+        _out("verdict", "not yet pinned (would be learned)")
+        return 0
+    if same_fingerprint(sha256(expected), sha256(presented)):
+        _out("verdict", "match")
+        return 0
+    _out("verdict", "MISMATCH")
+    _out("to accept", f"{TRUST_COMMAND} {instance.name} --sha256 {sha256(presented)}")
+    return EXIT_MISMATCH
+
+
+def _fingerprint_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return None if value is None else parse_fingerprint(value)
+
+
+@pins.command("trust")
+@click.argument("name", metavar="HOST[:PORT]")
+@click.option("--sha256", "fingerprint", callback=_fingerprint_option, metavar="FINGERPRINT",
+              help="The SHA-256 the new certificate must have (hex, colons allowed, any case).")
+@click.option("--from-file", "pem_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Install this PEM certificate (the instance's httpsrv/kl_feed_service_cert.pem) instead of "
+                   "fetching what the instance presents.")
+@click.option("--yes", is_flag=True, help="With --from-file: accept the fingerprint shown without --sha256.")
+def trust_command(name: str, fingerprint: str | None, pem_file: Path | None, yes: bool) -> None:
+    """Replace the reference of HOST[:PORT] with a certificate whose SHA-256 you confirm.
+
+    Without --from-file, the certificate the instance presents now, only if
+    its SHA-256 equals --sha256. Running workers use it within a second.
+    """
+    config = _config()
+    instance = resolve(config, name)
+    path = config.cert_dir / instance.reference_name
+    click.echo(instance.name)
+    _out("reference", str(path))
+    if pem_file is not None:
+        der = _read_pem_file(pem_file)
+        _out("file", str(pem_file))
+        _out("file sha256", sha256(der))
+        if fingerprint is None and not yes:
+            if not click.confirm(f"Install this certificate as the reference of {instance.name}?"):
+                raise PinsError(f"declined; the reference {path} was not changed", EXIT_DECLINED)
+        elif fingerprint is not None and not same_fingerprint(fingerprint, sha256(der)):
+            raise PinsError(
+                f"{pem_file} has sha256 {sha256(der)}, not the {fingerprint} given; "
+                f"the reference {path} was not changed",
+                EXIT_MISMATCH,
+            )
+    else:
+        if fingerprint is None:
+            raise PinsError(
+                "give --sha256 FINGERPRINT (as shown by pins check and on the instance), or --from-file PEM; "
+                f"the reference {path} was not changed",
+                EXIT_USAGE,
+            )
+        try:
+            der = presented_certificate(instance, config.timeouts.connect)
+        except Unreachable as exc:
+            raise PinsError(
+                f"{instance.name} is unreachable: {exc}; the reference {path} was not changed", EXIT_UNREACHABLE
+            ) from exc
+        _out("presented", sha256(der))
+        if not same_fingerprint(fingerprint, sha256(der)):
+            raise PinsError(
+                f"{instance.name} presents sha256 {sha256(der)}, not the {fingerprint} given; "
+                f"the reference {path} was not changed",
+                EXIT_MISMATCH,
+            )
+    _install(path, der)
+
+
+def _read_pem_file(pem_file: Path) -> bytes:
+    try:
+        with open(pem_file, "rb") as f:
+            return pem_to_der(f.read(64 * 1024 + 1))
+    except NotACertificate as exc:
+        raise PinsError(f"{pem_file} cannot be used: {exc}", EXIT_USAGE) from exc
+    except OSError as exc:
+        raise PinsError(f"{pem_file} cannot be read: {exc.strerror or exc}", EXIT_USAGE) from exc
+
+
+def _install(path: Path, der: bytes) -> None:
+    with reference_lock(path):
+        previous, state = read_state(path)
+        _out("previous", sha256(previous) if previous is not None else state)
+        if previous == der:
+            click.echo(f"unchanged: {path} already holds sha256 {sha256(der)}")
+            return
+        replace_reference(path, der)
+    click.echo(f"trusted: {path} now holds sha256 {sha256(der)}; running workers use it within a second")
+
+
+@pins.command("forget")
+@click.argument("name", metavar="HOST[:PORT]")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def forget_command(name: str, yes: bool) -> None:
+    """Delete the reference of HOST[:PORT]: the next contact learns the certificate again (trust on first use)."""
+    config = _config()
+    instance = resolve(config, name)
+    path = config.cert_dir / instance.reference_name
+    click.echo(instance.name)
+    _out("reference", str(path))
+    der, state = read_state(path)
+    _out("sha256", sha256(der) if der is not None else state)
+    if state == "not yet pinned":
+        click.echo(f"nothing to delete: {path} does not exist")
+        return
+    if not yes and not click.confirm(
+        f"Delete it? The next contact trusts whatever certificate {instance.name} presents then."
+    ):
+        raise PinsError(f"declined; the reference {path} was not changed", EXIT_DECLINED)
+    with reference_lock(path):
+        deleted = delete_reference(path)
+    if deleted:
+        click.echo(f"deleted: {path}; the next contact with {instance.name} learns its certificate again")
+    else:
+        click.echo(f"nothing to delete: {path} does not exist")
+
+
+@pins.command("prune")
+@click.option("--yes", is_flag=True, help="Delete; without it, only show what would be deleted.")
+def prune_command(yes: bool) -> None:
+    """Delete references in CertDirPath that no configured instance (enabled or not) uses."""
+    config = _config()
+    used = {i.reference_name for i in config.instances}
+    unused = [p for p in reference_files(config.cert_dir) if p.name not in used]
+    if not unused:
+        click.echo(f"no unconfigured references in {config.cert_dir}")
+        return
+    for path in unused:
+        der, state = read_state(path)
+        fingerprint = f"sha256 {sha256(der)}" if der is not None else state
+        if not yes:
+            click.echo(f"would delete: {path}  {fingerprint}")
+            continue
+        with reference_lock(path):
+            delete_reference(path)
+        click.echo(f"deleted: {path}  {fingerprint}")
+    if not yes:
+        click.echo(f"{len(unused)} unconfigured reference(s); run again with --yes to delete them")
