@@ -28,6 +28,9 @@ ENV_VAR = "BALANCER_CONFIG"
 #: Larger files are refused before parsing: a real configuration is a few KiB.
 MAX_CONFIG_BYTES = 1024 * 1024
 
+#: Upper bound of Failover buffer_bytes: request bodies held in a worker's memory.
+MAX_BUFFER_BYTES = 64 * 1024 * 1024
+
 #: Methods an AllowedRequests entry may name. CONNECT and TRACE are not
 #: forwardable through a reverse proxy and are refused on purpose.
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -99,6 +102,11 @@ class InstanceSpec:
         return f"{self.host}_{self.matching_port}.pem"
 
 
+#: Methods whose requests may be sent again after an instance failed (issue #4):
+#: safe methods (RFC 9110 section 9.2.1) that AllowedRequests can name.
+REPEATABLE_METHODS = ("GET", "HEAD")
+
+
 @dataclass(frozen=True)
 class AllowedRequest:
     """One ``AllowedRequests/Request`` element."""
@@ -106,14 +114,58 @@ class AllowedRequest:
     method: str
     path: str
     line: int = field(default=0, compare=False)
+    #: The ``repeatable`` attribute as written; None when absent.
+    repeatable: bool | None = None
+
+    @property
+    def safe_to_repeat(self) -> bool:
+        """Whether a request that reached an instance may be sent again to another one."""
+        return self.method in REPEATABLE_METHODS if self.repeatable is None else self.repeatable
 
 
 @dataclass(frozen=True)
 class Timeouts:
     """Seconds allowed for the hop to an instance."""
 
+    #: Budget for reaching an instance (TCP and TLS handshake), shared by the
+    #: instances one request tries.
     connect: float = 5.0
+    #: Longest silence while waiting for an instance's answer.
     read: float = 60.0
+    #: Deadline of one request, from its arrival to the start of the answer,
+    #: failovers included.
+    total: float = 75.0
+    #: Longest wait for a free scanners_count slot; 0: do not wait.
+    queue: float = 5.0
+
+
+#: Statuses that mean "try another instance" (RFC 8470, RFC 6585, RFC 9110).
+DEFAULT_RETRY_STATUSES = (425, 429, 503)
+
+#: What a certificate mismatch does: the seed's 500 (refuse), or quarantine
+#: the instance and send the request to another one (failover).
+ON_MISMATCH = ("refuse", "failover")
+
+
+@dataclass(frozen=True)
+class Failover:
+    """The ``Failover`` element: passive health and what is sent again (issue #4)."""
+
+    #: Seconds a failed instance is skipped before one request tries it again.
+    cooldown: float = 10.0
+    #: Instance answers after which a repeatable request goes to another instance.
+    retry_statuses: tuple[int, ...] = DEFAULT_RETRY_STATUSES
+    #: Request bodies up to this size are held so that they can be sent again.
+    buffer_bytes: int = 1024 * 1024
+    on_mismatch: str = "refuse"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """The ``HealthCheck`` element: active probes of the enabled instances."""
+
+    #: Seconds between two probes of one instance by one worker; 0: off.
+    interval: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +181,8 @@ class Config:
     tls_key: Path | None = None
     timeouts: Timeouts = Timeouts()
     workers: int = 2
+    failover: Failover = Failover()
+    health_check: HealthCheck = HealthCheck()
     event_delimiter: str | None = None
 
     @property
@@ -163,6 +217,29 @@ def load(path: Path | str | None = None) -> Config:
     return _Reader(path, data).read()
 
 
+# -- the configuration this process serves ------------------------------------------
+#
+# gunicorn re-executes gunicorn.conf.py in the master on SIGHUP and then forks
+# new workers, which import wsgi.py and call create_app(). Were create_app() to
+# read the file itself, a broken edit would reach the new workers even though
+# the master refused it. So the master loads the file, and only a configuration
+# that loaded becomes the active one; the workers inherit it with the rest of
+# the master's memory (issue #4).
+
+_active: Config | None = None
+
+
+def activate(config: Config) -> None:
+    """Make *config* the one this process, and every process it forks from now on, serves."""
+    global _active
+    _active = config
+
+
+def active() -> Config | None:
+    """The configuration :func:`activate` set in this process (or its parent before the fork), if any."""
+    return _active
+
+
 def _parser() -> etree.XMLParser:
     return etree.XMLParser(
         resolve_entities=False,
@@ -185,6 +262,8 @@ _ROOT_ELEMENTS = (
     "AllowedRequests",
     "Timeouts",
     "Workers",
+    "Failover",
+    "HealthCheck",
 )
 
 
@@ -260,6 +339,8 @@ class _Reader:
         allowed_el = one("AllowedRequests")
         allowed = self.allowed(allowed_el) if allowed_el is not None else ()
         timeouts = self.timeouts(one("Timeouts"))
+        failover = self.failover(one("Failover"))
+        health_check = self.health_check(one("HealthCheck"))
         workers_el = one("Workers")
         workers = 2
         if workers_el is not None:
@@ -281,6 +362,8 @@ class _Reader:
             tls_key=tls_key,
             timeouts=timeouts,
             workers=workers,
+            failover=failover,
+            health_check=health_check,
             event_delimiter=delimiter,
         )
 
@@ -366,7 +449,7 @@ class _Reader:
         for el in _children(parent):
             if el.tag != "Request":
                 raise self.fail(el.sourceline, f"unknown element <{el.tag}> in <AllowedRequests>; expected <Request>")
-            attrs = self.attributes(el, required=("method",))
+            attrs = self.attributes(el, required=("method",), optional=("repeatable",))
             method = attrs["method"]
             if method not in ALLOWED_METHODS:
                 raise self.fail(
@@ -385,19 +468,66 @@ class _Reader:
                     f"<Request> {method} {path!r} repeats the request on line {seen[key]}; expected each once",
                 )
             seen[key] = el.sourceline or 0
-            result.append(AllowedRequest(method=method, path=path, line=el.sourceline or 0))
+            repeatable = self.boolean(el, "repeatable", attrs["repeatable"]) if "repeatable" in attrs else None
+            result.append(AllowedRequest(method=method, path=path, line=el.sourceline or 0, repeatable=repeatable))
         return tuple(result)
 
     def timeouts(self, el: etree._Element | None) -> Timeouts:
         if el is None:
             return Timeouts()
-        attrs = self.attributes(el, optional=("connect", "read"))
+        attrs = self.attributes(el, optional=("connect", "read", "total", "queue"))
         self.no_text(el)
         defaults = Timeouts()
         return Timeouts(
             connect=self.seconds(el, "connect", attrs.get("connect"), defaults.connect),
             read=self.seconds(el, "read", attrs.get("read"), defaults.read),
+            total=self.seconds(el, "total", attrs.get("total"), defaults.total),
+            queue=self.seconds(el, "queue", attrs.get("queue"), defaults.queue, zero=True),
         )
+
+    def failover(self, el: etree._Element | None) -> Failover:
+        if el is None:
+            return Failover()
+        attrs = self.attributes(el, optional=("cooldown", "retry_statuses", "buffer_bytes", "on_mismatch"))
+        self.no_text(el)
+        defaults = Failover()
+        on_mismatch = attrs.get("on_mismatch", defaults.on_mismatch)
+        if on_mismatch not in ON_MISMATCH:
+            raise self.fail(
+                el.sourceline,
+                f"<Failover> attribute on_mismatch={on_mismatch!r} is not valid; expected one of: {', '.join(ON_MISMATCH)}",
+            )
+        buffer_bytes = attrs.get("buffer_bytes")
+        return Failover(
+            cooldown=self.seconds(el, "cooldown", attrs.get("cooldown"), defaults.cooldown, zero=True),
+            retry_statuses=self.statuses(el, "retry_statuses", attrs.get("retry_statuses"), defaults.retry_statuses),
+            buffer_bytes=(
+                defaults.buffer_bytes
+                if buffer_bytes is None
+                else self.integer(el, "buffer_bytes", buffer_bytes, 0, MAX_BUFFER_BYTES)
+            ),
+            on_mismatch=on_mismatch,
+        )
+
+    def health_check(self, el: etree._Element | None) -> HealthCheck:
+        if el is None:
+            return HealthCheck()
+        attrs = self.attributes(el, optional=("interval",))
+        self.no_text(el)
+        interval = attrs.get("interval")
+        if interval is None:
+            return HealthCheck()
+        try:
+            number = float(interval)
+        except ValueError:
+            number = float("nan")
+        if not (number == 0 or 1 <= number <= 3600):
+            raise self.fail(
+                el.sourceline,
+                f"<HealthCheck> attribute interval={interval!r} is not valid; "
+                "expected 0 (off) or seconds from 1 to 3600",
+            )
+        return HealthCheck(interval=number)
 
     # -- values --------------------------------------------------------------
 
@@ -465,19 +595,42 @@ class _Reader:
             el.sourceline, f"<{el.tag}> attribute {attr}={value!r} is not a boolean; expected true or false"
         )
 
-    def seconds(self, el: etree._Element, attr: str, value: str | None, default: float) -> float:
+    def seconds(
+        self, el: etree._Element, attr: str, value: str | None, default: float, zero: bool = False
+    ) -> float:
+        """A number of seconds up to an hour; 0 only where *zero* says it means something."""
         if value is None:
             return default
         try:
             number = float(value)
         except ValueError:
             number = float("nan")
-        if not 0 < number <= 3600:
+        if not (0 <= number <= 3600 if zero else 0 < number <= 3600):
+            expected = "from 0 to 3600" if zero else "above 0 and at most 3600"
             raise self.fail(
-                el.sourceline,
-                f"<{el.tag}> attribute {attr}={value!r} is not valid; expected seconds, above 0 and at most 3600",
+                el.sourceline, f"<{el.tag}> attribute {attr}={value!r} is not valid; expected seconds, {expected}"
             )
         return number
+
+    def statuses(
+        self, el: etree._Element, attr: str, value: str | None, default: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        """HTTP status codes 400-599 separated by spaces or commas; empty for none."""
+        if value is None:
+            return default
+        codes: list[int] = []
+        for token in re.split(r"[\s,]+", value.strip()):
+            if not token:
+                continue
+            if not re.fullmatch(r"[45][0-9][0-9]", token):
+                raise self.fail(
+                    el.sourceline,
+                    f"<{el.tag}> attribute {attr}={value!r} has {token!r}; "
+                    "expected HTTP statuses from 400 to 599 separated by spaces",
+                )
+            if int(token) not in codes:
+                codes.append(int(token))
+        return tuple(codes)
 
 
 _DOCTYPE_REFUSED = "<!DOCTYPE> is not allowed (DTDs and entities are refused); expected none"
@@ -567,9 +720,16 @@ __all__ = [
     "BalancerSpec",
     "Config",
     "ConfigError",
+    "DEFAULT_RETRY_STATUSES",
+    "Failover",
+    "HealthCheck",
     "InstanceSpec",
+    "ON_MISMATCH",
+    "REPEATABLE_METHODS",
     "RESERVED_PREFIX",
     "Timeouts",
+    "activate",
+    "active",
     "config_path",
     "load",
 ]

@@ -24,6 +24,8 @@ from app.config import (
     BalancerSpec,
     Config,
     ConfigError,
+    Failover,
+    HealthCheck,
     InstanceSpec,
     Timeouts,
     config_path,
@@ -58,7 +60,7 @@ INSTANCE_7 = '    <Instance enabled="false" matching_port="9999" api_port="443">
 REQUEST_10 = '    <Request method="GET">/api/v.1.1/suppliers</Request>\n'
 ROOT_ELEMENTS = (
     "Balancer, SSLCertificatePath, SSLPrivateKeyPath, CertDirPath, EventDelimiter, Instances, AllowedRequests, "
-    "Timeouts, Workers"
+    "Timeouts, Workers, Failover, HealthCheck"
 )
 METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 XML_EXPECTED = "expected well-formed XML in UTF-8 or the declared encoding"
@@ -460,7 +462,22 @@ BROKEN = [
     param(
         "request-path-as-attribute",
         edit(REQUEST_10, '    <Request method="GET" path="/api/v.1.1/suppliers"/>\n'),
-        "{path}:10: <Request> has unknown attribute 'path'; expected: method",
+        "{path}:10: <Request> has unknown attribute 'path'; expected: method, repeatable",
+    ),
+    param(
+        "request-repeatable-yes",
+        edit(REQUEST_10, '    <Request method="POST" repeatable="yes">/api/v2/lookup</Request>\n'),
+        "{path}:10: <Request> attribute repeatable='yes' is not a boolean; expected true or false",
+    ),
+    param(
+        "request-repeatable-empty",
+        edit(REQUEST_10, '    <Request method="POST" repeatable="">/api/v2/lookup</Request>\n'),
+        "{path}:10: <Request> attribute repeatable='' is not a boolean; expected true or false",
+    ),
+    param(
+        "request-repeatable-upper-case",
+        edit(REQUEST_10, '    <Request method="POST" repeatable="TRUE">/api/v2/lookup</Request>\n'),
+        "{path}:10: <Request> attribute repeatable='TRUE' is not a boolean; expected true or false",
     ),
     param(
         "unknown-element-in-allowedrequests",
@@ -486,7 +503,37 @@ BROKEN = [
     param(
         "timeouts-unknown-attribute",
         before_end('  <Timeouts connect="5" write="5"/>'),
-        "{path}:13: <Timeouts> has unknown attribute 'write'; expected: connect, read",
+        "{path}:13: <Timeouts> has unknown attribute 'write'; expected: connect, read, total, queue",
+    ),
+    param(
+        "timeouts-total-0",
+        before_end('  <Timeouts total="0"/>'),
+        "{path}:13: <Timeouts> attribute total='0' is not valid; expected seconds, above 0 and at most 3600",
+    ),
+    param(
+        "timeouts-total-negative",
+        before_end('  <Timeouts total="-1"/>'),
+        "{path}:13: <Timeouts> attribute total='-1' is not valid; expected seconds, above 0 and at most 3600",
+    ),
+    param(
+        "timeouts-total-over-an-hour",
+        before_end('  <Timeouts total="3601"/>'),
+        "{path}:13: <Timeouts> attribute total='3601' is not valid; expected seconds, above 0 and at most 3600",
+    ),
+    param(
+        "timeouts-queue-negative",
+        before_end('  <Timeouts queue="-0.5"/>'),
+        "{path}:13: <Timeouts> attribute queue='-0.5' is not valid; expected seconds, from 0 to 3600",
+    ),
+    param(
+        "timeouts-queue-inf",
+        before_end('  <Timeouts queue="inf"/>'),
+        "{path}:13: <Timeouts> attribute queue='inf' is not valid; expected seconds, from 0 to 3600",
+    ),
+    param(
+        "timeouts-queue-words",
+        before_end('  <Timeouts queue="five"/>'),
+        "{path}:13: <Timeouts> attribute queue='five' is not valid; expected seconds, from 0 to 3600",
     ),
     param(
         "timeouts-as-elements",
@@ -497,6 +544,117 @@ BROKEN = [
         "timeouts-text",
         before_end("  <Timeouts>5</Timeouts>"),
         "{path}:13: <Timeouts> has text '5'; expected only attributes",
+    ),
+    # -- Failover, HealthCheck -------------------------------------------------------------------------
+    param(
+        "failover-cooldown-negative",
+        before_end('  <Failover cooldown="-1"/>'),
+        "{path}:13: <Failover> attribute cooldown='-1' is not valid; expected seconds, from 0 to 3600",
+    ),
+    param(
+        "failover-cooldown-nan",
+        before_end('  <Failover cooldown="nan"/>'),
+        "{path}:13: <Failover> attribute cooldown='nan' is not valid; expected seconds, from 0 to 3600",
+    ),
+    param(
+        "failover-cooldown-units",
+        before_end('  <Failover cooldown="10s"/>'),
+        "{path}:13: <Failover> attribute cooldown='10s' is not valid; expected seconds, from 0 to 3600",
+    ),
+    param(
+        "failover-retry-status-2xx",
+        before_end('  <Failover retry_statuses="429 200"/>'),
+        "{path}:13: <Failover> attribute retry_statuses='429 200' has '200'; "
+        "expected HTTP statuses from 400 to 599 separated by spaces",
+    ),
+    param(
+        "failover-retry-status-600",
+        before_end('  <Failover retry_statuses="503,600"/>'),
+        "{path}:13: <Failover> attribute retry_statuses='503,600' has '600'; "
+        "expected HTTP statuses from 400 to 599 separated by spaces",
+    ),
+    param(
+        "failover-retry-status-word",
+        before_end('  <Failover retry_statuses="429 busy"/>'),
+        "{path}:13: <Failover> attribute retry_statuses='429 busy' has 'busy'; "
+        "expected HTTP statuses from 400 to 599 separated by spaces",
+    ),
+    param(
+        "failover-retry-status-4-digits",
+        before_end('  <Failover retry_statuses="4290"/>'),
+        "{path}:13: <Failover> attribute retry_statuses='4290' has '4290'; "
+        "expected HTTP statuses from 400 to 599 separated by spaces",
+    ),
+    param(
+        "failover-buffer-negative",
+        before_end('  <Failover buffer_bytes="-1"/>'),
+        "{path}:13: <Failover> attribute buffer_bytes='-1' is not a whole number; expected 0 to 67108864",
+    ),
+    param(
+        "failover-buffer-over-64MiB",
+        before_end('  <Failover buffer_bytes="67108865"/>'),
+        "{path}:13: <Failover> attribute buffer_bytes='67108865' is out of range; expected 0 to 67108864",
+    ),
+    param(
+        "failover-buffer-with-unit",
+        before_end('  <Failover buffer_bytes="1MiB"/>'),
+        "{path}:13: <Failover> attribute buffer_bytes='1MiB' is not a whole number; expected 0 to 67108864",
+    ),
+    param(
+        "failover-on-mismatch-unknown",
+        before_end('  <Failover on_mismatch="skip"/>'),
+        "{path}:13: <Failover> attribute on_mismatch='skip' is not valid; expected one of: refuse, failover",
+    ),
+    param(
+        "failover-on-mismatch-upper-case",
+        before_end('  <Failover on_mismatch="Failover"/>'),
+        "{path}:13: <Failover> attribute on_mismatch='Failover' is not valid; expected one of: refuse, failover",
+    ),
+    param(
+        "failover-unknown-attribute",
+        before_end('  <Failover retries="3"/>'),
+        "{path}:13: <Failover> has unknown attribute 'retries'; "
+        "expected: cooldown, retry_statuses, buffer_bytes, on_mismatch",
+    ),
+    param(
+        "failover-text",
+        before_end("  <Failover>on</Failover>"),
+        "{path}:13: <Failover> has text 'on'; expected only attributes",
+    ),
+    param(
+        "failover-twice",
+        before_end('  <Failover cooldown="5"/>\n  <Failover cooldown="6"/>'),
+        "{path}:14: <Failover> appears twice; expected it once",
+    ),
+    param(
+        "healthcheck-interval-below-1",
+        before_end('  <HealthCheck interval="0.5"/>'),
+        "{path}:13: <HealthCheck> attribute interval='0.5' is not valid; expected 0 (off) or seconds from 1 to 3600",
+    ),
+    param(
+        "healthcheck-interval-negative",
+        before_end('  <HealthCheck interval="-5"/>'),
+        "{path}:13: <HealthCheck> attribute interval='-5' is not valid; expected 0 (off) or seconds from 1 to 3600",
+    ),
+    param(
+        "healthcheck-interval-over-an-hour",
+        before_end('  <HealthCheck interval="7200"/>'),
+        "{path}:13: <HealthCheck> attribute interval='7200' is not valid; expected 0 (off) or seconds from 1 to 3600",
+    ),
+    param(
+        "healthcheck-interval-word",
+        before_end('  <HealthCheck interval="often"/>'),
+        "{path}:13: <HealthCheck> attribute interval='often' is not valid; expected 0 (off) or seconds from 1 to 3600",
+    ),
+    param(
+        "healthcheck-unknown-attribute",
+        before_end('  <HealthCheck interval="10" path="/health"/>'),
+        "{path}:13: <HealthCheck> has unknown attribute 'path'; expected: interval",
+    ),
+    param(
+        "healthcheck-child-element",
+        before_end("  <HealthCheck>\n    <Interval>10</Interval>\n  </HealthCheck>"),
+        "{path}:14: unknown element <Interval> in <HealthCheck>; expected only attributes",
     ),
     param(
         "workers-0",
@@ -743,7 +901,9 @@ def test_defaults_without_optional_elements(tmp_path: Path) -> None:
         '    <Request method="GET">/api/{version}/suppliers</Request>\n  </AllowedRequests>\n', ""
     )
     config = load(write(tmp_path, text))
-    assert (config.allowed, config.timeouts, config.workers) == ((), Timeouts(5.0, 60.0), 2)
+    assert (config.allowed, config.timeouts, config.workers) == ((), Timeouts(5.0, 60.0, 75.0, 5.0), 2)
+    assert config.failover == Failover(10.0, (425, 429, 503), 1024 * 1024, "refuse")
+    assert config.health_check == HealthCheck(0.0)
     assert (config.tls_cert, config.tls_key, config.tls, config.event_delimiter) == (None, None, False, None)
 
 
@@ -754,6 +914,46 @@ def test_timeouts_and_workers_are_read(tmp_path: Path) -> None:
     assert config.timeouts == Timeouts(connect=5.0, read=1.0)
 
 
+def test_failover_healthcheck_and_timeouts_are_read(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            before_end(
+                '  <Timeouts connect="1.5" total="20" queue="0"/>\n'
+                '  <Failover cooldown="0" retry_statuses=" 503, 429  502 503 " buffer_bytes="0" on_mismatch="failover"/>\n'
+                '  <HealthCheck interval="2.5"/>'
+            ),
+        )
+    )
+    assert config.timeouts == Timeouts(connect=1.5, read=60.0, total=20.0, queue=0.0)
+    assert config.failover == Failover(cooldown=0.0, retry_statuses=(503, 429, 502), buffer_bytes=0, on_mismatch="failover")
+    assert config.health_check == HealthCheck(interval=2.5)
+    config = load(write(tmp_path, before_end('  <Failover retry_statuses=""/>\n  <HealthCheck/>'), "empty.conf"))
+    assert (config.failover.retry_statuses, config.health_check.interval) == ((), 0.0)
+
+
+@pytest.mark.parametrize(
+    ("method", "attribute", "repeatable", "safe_to_repeat"),
+    [
+        ("GET", "", None, True),
+        ("HEAD", "", None, True),
+        ("POST", "", None, False),
+        ("PUT", "", None, False),
+        ("DELETE", "", None, False),
+        ("OPTIONS", "", None, False),
+        ("POST", ' repeatable="true"', True, True),
+        ("POST", ' repeatable="false"', False, False),
+        ("GET", ' repeatable="false"', False, False),
+    ],
+)
+def test_request_repeatable_defaults_to_the_safe_methods(
+    tmp_path: Path, method: str, attribute: str, repeatable: bool | None, safe_to_repeat: bool
+) -> None:
+    config = load(write(tmp_path, edit(REQUEST_10, f'    <Request method="{method}"{attribute}>/api/v2/lookup</Request>\n')))
+    assert config.allowed[0] == AllowedRequest(method, "/api/v2/lookup", repeatable=repeatable)
+    assert config.allowed[0].safe_to_repeat is safe_to_repeat
+
+
 def test_the_objects_are_frozen(tmp_path: Path) -> None:
     config = load(write(tmp_path, BASE))
     changes = [
@@ -762,6 +962,8 @@ def test_the_objects_are_frozen(tmp_path: Path) -> None:
         (config.instances[0], "enabled", False),
         (config.allowed[0], "path", "/"),
         (config.timeouts, "read", 1.0),
+        (config.failover, "cooldown", 1.0),
+        (config.health_check, "interval", 1.0),
     ]
     for obj, name, value in changes:
         with pytest.raises(dataclasses.FrozenInstanceError):
@@ -818,14 +1020,16 @@ def test_example_configuration_loads() -> None:
     assert config.allowed == (
         AllowedRequest("GET", "/api/v.1.1/suppliers"),
         AllowedRequest("GET", "/api/{version}/suppliers"),
-        AllowedRequest("POST", "/api/{version}/lookup"),
+        AllowedRequest("POST", "/api/{version}/lookup", repeatable=True),
     )
     assert (config.tls, config.timeouts, config.workers, config.event_delimiter) == (
         False,
-        Timeouts(5.0, 60.0),
+        Timeouts(5.0, 60.0, 75.0, 5.0),
         2,
         "\\|",
     )
+    # The example writes every default out.
+    assert (config.failover, config.health_check) == (Failover(), HealthCheck())
 
 
 def test_example_configuration_documents_every_root_element() -> None:
