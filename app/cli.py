@@ -25,6 +25,8 @@ Errors are one line on stderr, with an exit status per cause:
 from __future__ import annotations
 
 import ipaddress
+import os
+import pwd
 import re
 import ssl
 from datetime import datetime, timezone
@@ -200,6 +202,27 @@ def _config() -> Config:
     return current_app.config["BALANCER"]
 
 
+def _warn_if_not_owner(cert_dir: Path) -> None:
+    """Files written by another user (root) may be unusable by the service user: say so."""
+    try:
+        owner = cert_dir.stat().st_uid
+    except OSError:
+        return
+    if owner != os.geteuid():
+        click.echo(
+            f"warning: {cert_dir} belongs to {_user(owner)} but this command runs as {_user(os.geteuid())}; "
+            f"files it creates may be unusable by the balancer: run it as {_user(owner)} (sudo -u)",
+            err=True,
+        )
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _out(label: str, value: str) -> None:
     click.echo(f"  {label + ':':<11} {value}")
 
@@ -366,6 +389,7 @@ def _read_pem_file(pem_file: Path) -> bytes:
 
 
 def _install(path: Path, der: bytes) -> None:
+    _warn_if_not_owner(path.parent)
     with reference_lock(path):
         previous, state = read_state(path)
         _out("previous", sha256(previous) if previous is not None else state)
@@ -395,6 +419,7 @@ def forget_command(name: str, yes: bool) -> None:
         f"Delete it? The next contact trusts whatever certificate {instance.name} presents then."
     ):
         raise PinsError(f"declined; the reference {path} was not changed", EXIT_DECLINED)
+    _warn_if_not_owner(config.cert_dir)
     with reference_lock(path):
         deleted = delete_reference(path)
     if deleted:
@@ -413,6 +438,8 @@ def prune_command(yes: bool) -> None:
     if not unused:
         click.echo(f"no unconfigured references in {config.cert_dir}")
         return
+    if yes:
+        _warn_if_not_owner(config.cert_dir)
     for path in unused:
         der, state = read_state(path)
         fingerprint = f"sha256 {sha256(der)}" if der is not None else state

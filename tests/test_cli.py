@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -496,3 +497,17 @@ def test_pins_commands_are_listed(two):
     assert result.exit_code == 0
     for command in ("check", "forget", "list", "prune", "trust"):
         assert f"  {command} " in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give CertDirPath to another user")
+def test_writing_as_another_user_than_the_cert_dir_owner_warns(two, ca):
+    config, certs, a, b = two
+    os.chown(certs, 65534, 65534)
+    result = pins(config, "forget", f"127.0.0.1:{a.port}", "--yes")
+    assert result.exit_code == 0
+    owner = pwd.getpwuid(65534).pw_name
+    assert result.stderr == (
+        f"warning: {certs} belongs to {owner} but this command runs as root; files it creates may be unusable "
+        f"by the balancer: run it as {owner} (sudo -u)\n"
+    )
+    assert not (certs / "127.0.0.1_9999.pem").exists()
