@@ -30,6 +30,8 @@ from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.util.ssl_ import create_urllib3_context
 
+from .strict_head import StrictHTTPResponse
+
 log = logging.getLogger(__name__)
 
 #: Checks a peer's DER certificate; raises to refuse it. What it returns is
@@ -39,6 +41,10 @@ PinCheck = Callable[[bytes], object]
 
 class PinningHTTPSConnection(HTTPSConnection):
     """An HTTPS connection that refuses to exist unless its peer matches the pin."""
+
+    #: Answers are read by a strict parser: a head that could be read in more
+    #: than one way must not be relayed (issue #7).
+    response_class = StrictHTTPResponse
 
     def __init__(self, *args: Any, pin_check: PinCheck, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
