@@ -1,7 +1,8 @@
 """The Flask blueprint: AllowedRequests as rules, the forwarding view, and JSON errors.
 
 Steps of one request: check the raw target, match it against the rules,
-read the body as framed, choose an instance, send, relay the answer as sent.
+read the body as framed (held when it may be sent again), hand it to
+:func:`app.failover.exchange`, relay the answer as sent.
 """
 
 from __future__ import annotations
@@ -17,18 +18,22 @@ from werkzeug.routing import RequestRedirect
 
 from . import routing
 from .config import Config
+from .failover import exchange
 from .errors import (
     BalancerError,
     MethodNotAllowed,
     RequestBodyInvalid,
     RequestNotAllowed,
 )
-from .headers import host_header, request_headers, response_headers
-from .upstream import Balancer, NotSent, Outgoing, Upstream
+from .headers import request_headers, response_headers
+from .status import ReservedPaths
+from .upstream import Answer, Balancer, Outgoing
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "ctbalancer"
+#: app.extensions key of the (rule, method) pairs whose requests may be sent again.
+REPEATABLE = "ctbalancer.repeatable"
 ENDPOINT = "forward"
 
 #: Bytes read from an instance per write to the client.
@@ -81,7 +86,8 @@ def check_request() -> None:
 def forward(**_placeholders: str) -> Response:
     """Send the request to the next instance that takes it and relay its answer."""
     balancer: Balancer = current_app.extensions[EXTENSION]
-    body, length = _request_body()
+    repeatable = _repeatable()
+    body, length, held = _request_body(balancer.config.failover.buffer_bytes if repeatable else 0)
     headers = request_headers(
         request.headers.items(),
         client_addr=request.remote_addr or "",
@@ -90,33 +96,32 @@ def forward(**_placeholders: str) -> Response:
         content_length=length,
     )
     outgoing = Outgoing(method=request.method, target=g.target, headers=headers, body=body)
-    timeouts = balancer.config.timeouts
-    reasons: list[str] = []
-    for upstream in balancer.candidates():
-        if not upstream.slots.acquire(timeout=timeouts.connect):
-            reasons.append(f"{upstream.spec.name} has scanners_count requests in flight")
-            continue
-        try:
-            prepared = outgoing.prepare(upstream, host_header(upstream.spec.host, upstream.spec.api_port))
-            answer = upstream.send(prepared, (timeouts.connect, timeouts.read))
-        except NotSent as exc:
-            upstream.slots.release()
-            log.warning("instance %s not reached (%s); trying the next", upstream.spec.name, exc.reason)
-            reasons.append(f"{upstream.spec.name}: {exc.reason}")
-            continue
-        except BaseException:
-            upstream.slots.release()
-            raise
-        return _relay(answer, upstream)
-    raise balancer.no_instance(reasons)
+    return _relay(exchange(balancer, outgoing, repeatable and held))
 
 
-def _request_body() -> tuple[bytes | IO[bytes] | None, int | None]:
-    """The body to send on and its length, exactly as the client framed it."""
+def _repeatable() -> bool:
+    """Whether the matched AllowedRequests entry may be sent to a second instance (HEAD follows GET)."""
+    pairs: frozenset[tuple[str, str]] = current_app.extensions[REPEATABLE]
+    rule = request.url_rule.rule if request.url_rule is not None else ""
+    return (rule, request.method) in pairs or (request.method == "HEAD" and (rule, "GET") in pairs)
+
+
+def _request_body(buffer_bytes: int) -> tuple[bytes | IO[bytes] | None, int | None, bool]:
+    """The body to send on, its length, and whether it is held (so it can be sent again).
+
+    A body announced by Content-Length is held in memory up to
+    *buffer_bytes* and streamed beyond; a chunked one is always counted in a
+    spool, which can be read again.
+    """
     environ = request.environ
     length = request.content_length
     if length is not None:
-        return (_ExactBody(environ["wsgi.input"], length) if length else b""), length
+        if not length:
+            return b"", 0, True
+        body = _ExactBody(environ["wsgi.input"], length)
+        if length <= buffer_bytes:
+            return body.read_all(), length, True
+        return body, length, False
     if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         # The server in front has de-chunked it; count it so the instance
         # gets a Content-Length, without holding a large upload in memory.
@@ -127,8 +132,8 @@ def _request_body() -> tuple[bytes | IO[bytes] | None, int | None]:
             spool.write(chunk)
             size += len(chunk)
         spool.seek(0)
-        return spool, size
-    return None, None
+        return spool, size, True
+    return None, None, True
 
 
 class _ExactBody:
@@ -152,38 +157,37 @@ class _ExactBody:
         self._left -= len(data)
         return data
 
+    def read_all(self) -> bytes:
+        parts = []
+        while data := self.read(RELAY_CHUNK):
+            parts.append(data)
+        return b"".join(parts)
 
-def _relay(answer: object, upstream: Upstream) -> Response:
-    """The instance's answer as a streamed response; frees the slot when done."""
-    raw = answer.raw  # type: ignore[attr-defined]
-    status = answer.status_code  # type: ignore[attr-defined]
+
+def _relay(answer: Answer) -> Response:
+    """The instance's answer as a streamed response; frees its slot when done."""
+    raw = answer.response.raw
+    status = answer.response.status_code
     reason = raw.reason or ""
     response = RelayedResponse(
-        _stream(raw, upstream),
+        _stream(raw, answer.upstream.spec.name),
         status=f"{status} {reason}" if reason.isprintable() and reason.isascii() and reason else status,
         headers=response_headers(raw.headers.items()),
     )
     # Not direct_passthrough: werkzeug then wraps the body in a
-    # ClosingIterator, and the server's close() reaches finish() below.
-
-    def finish() -> None:
-        try:
-            answer.close()  # type: ignore[attr-defined]
-        finally:
-            upstream.slots.release()
-
-    response.call_on_close(finish)
+    # ClosingIterator, and the server's close() reaches answer.close().
+    response.call_on_close(answer.close)
     return response
 
 
-def _stream(raw: object, upstream: Upstream) -> Iterator[bytes]:
+def _stream(raw: object, name: str) -> Iterator[bytes]:
     """Bytes as the instance sent them (no gzip decoding); errors are logged, not hidden."""
     try:
         yield from raw.stream(RELAY_CHUNK, decode_content=False)  # type: ignore[attr-defined]
     except (Urllib3Error, OSError) as exc:
         # Raising makes the server cut the client connection, so the client
         # sees a broken answer instead of a complete-looking short one.
-        log.warning("instance %s failed while sending its answer: %s", upstream.spec.name, type(exc).__name__)
+        log.warning("instance %s failed while sending its answer: %s", name, type(exc).__name__)
         raise
 
 
@@ -204,9 +208,15 @@ def render_http_exception(exc: HTTPException) -> Response:
 
 
 def install(app: Flask, config: Config, balancer: Balancer) -> None:
-    """Register the rules, converters and per-app balancer on *app*."""
+    """Register the rules, converters and per-app balancer on *app*, and serve /_balancer/ beside them."""
     app.url_map.converters.update(routing.CONVERTERS)
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = True
     app.extensions[EXTENSION] = balancer
+    app.extensions[REPEATABLE] = frozenset(
+        (routing.to_rule(a.path), a.method) for a in config.allowed if a.safe_to_repeat
+    )
     app.register_blueprint(make_blueprint(config))
+    # In front of Flask, not in its url_map: `flask routes` lists exactly
+    # AllowedRequests, and no rule ({name} included) can match /_balancer/.
+    app.wsgi_app = ReservedPaths(app.wsgi_app, balancer)  # type: ignore[method-assign]

@@ -1,15 +1,27 @@
-"""The hop to the instances: one pinned requests session per instance, round-robin choice,
-and the one place where requests' and urllib3's exceptions become balancer errors.
+"""The hop to the instances: one pinned requests session per instance, which instance may take a
+request now, and the one place where requests' and urllib3's exceptions become balancer errors.
+
+Whether anything was sent is decided by *when* a failure happened, not by its
+type: every exception raised while a connection opens (TCP connect, TLS
+handshake, no certificate) leaves the connection as :class:`_NotConnected`,
+which is not an ``OSError`` and so travels through urllib3 and requests
+untouched (DESIGN section 7), and becomes :class:`NotSent`. Everything else
+happened after the first byte of the request may have left: an ``SSLError``
+while reading an answer must not let a POST be sent twice.
 """
 
 from __future__ import annotations
 
+import functools
+import http.client
 import itertools
-import random
 import logging
+import math
+import random
+import ssl
 import threading
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO, Any, Callable
 
 import requests
 import urllib3.exceptions
@@ -18,7 +30,9 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.util import SKIP_HEADER
 
 from .config import Config, InstanceSpec
-from .errors import BalancerError, InstanceFailed, InstanceTimeout, NoInstanceAvailable
+from .errors import BalancerError, InstanceError, InstanceFailed, InstanceTimeout, NoInstanceAvailable
+from .headers import host_header
+from .health import Health, Ticket
 from .pinning import PinningAdapter, unverified_context
 from .pins import PinStore
 
@@ -34,8 +48,97 @@ class NotSent(Exception):
         self.reason = reason
 
 
+class AfterSend(Exception):
+    """The instance failed once the request may have reached it, before any answer arrived.
+
+    ``dropped`` is True when the connection was closed or reset before a byte
+    of an answer: the shape of a keep-alive connection the instance closed
+    just as the request went out, which says nothing about the instance.
+    """
+
+    def __init__(self, error: InstanceError, reason: str, dropped: bool) -> None:
+        super().__init__(reason)
+        self.error = error
+        self.reason = reason
+        self.dropped = dropped
+
+
+# -- connections that say when they failed ---------------------------------------------
+
+
+class _NotConnected(Exception):
+    """Opening a connection failed; ``__cause__`` says how. Not an OSError (see the module docstring)."""
+
+
+@functools.cache
+def _reporting(connection_cls: type) -> type:
+    """A subclass of *connection_cls* whose ``connect()`` failures are :class:`_NotConnected`."""
+
+    def connect(self: Any) -> None:
+        try:
+            super(cls, self).connect()
+        except BalancerError:
+            raise  # the pin check's own refusal (mismatch, unreadable or unsaved reference)
+        except Exception as exc:
+            raise _NotConnected(str(exc)) from exc
+
+    cls = type(f"Reporting{connection_cls.__name__}", (connection_cls,), {"connect": connect})
+    return cls
+
+
+def _reporting_pools(make_pool: Callable[..., Any]) -> Callable[..., Any]:
+    """*make_pool*, with the pool's connection class replaced by its :func:`_reporting` subclass."""
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        pool = make_pool(*args, **kwargs)
+        pool.ConnectionCls = _reporting(pool.ConnectionCls)
+        return pool
+
+    return make
+
+
+class _Adapter(PinningAdapter):
+    """The pinning adapter, whatever pools it builds, with connections that report connect failures."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        # A new dict, never the shared one mutated (DESIGN section 7).
+        self.poolmanager.pool_classes_by_scheme = {
+            scheme: _reporting_pools(make_pool)
+            for scheme, make_pool in self.poolmanager.pool_classes_by_scheme.items()
+        }
+
+
+# -- one instance --------------------------------------------------------------------------
+
+
+class Slots:
+    """``scanners_count``: the requests one worker has in flight to one instance.
+
+    Releasing a slot wakes the requests waiting for one of any instance
+    (*freed* is shared by all instances of a worker).
+    """
+
+    def __init__(self, count: int, freed: threading.Condition) -> None:
+        self.count = count
+        self.in_flight = 0
+        self._freed = freed
+
+    def try_acquire(self) -> bool:
+        with self._freed:
+            if self.in_flight >= self.count:
+                return False
+            self.in_flight += 1
+            return True
+
+    def release(self) -> None:
+        with self._freed:
+            self.in_flight -= 1
+            self._freed.notify_all()
+
+
 class Upstream:
-    """One instance: its session with the pinning adapter, and its in-flight cap.
+    """One instance: its session with the pinning adapter, its in-flight cap and its health.
 
     Requests are sent with the adapter's ``send()``, not ``Session.send()``:
     the latter reads (and decodes) the body of every 3xx answer even when
@@ -45,28 +148,39 @@ class Upstream:
     match ``https://host:port0``).
     """
 
-    def __init__(self, spec: InstanceSpec, store: PinStore, scanners_count: int, ssl_context: object) -> None:
+    def __init__(
+        self, spec: InstanceSpec, store: PinStore, config: Config, ssl_context: ssl.SSLContext, freed: threading.Condition
+    ) -> None:
         self.spec = spec
         self.session = requests.Session()
         self.session.trust_env = False
-        adapter = PinningAdapter(
+        adapter = _Adapter(
             lambda der: store.check(spec, der),
-            pool_maxsize=scanners_count,
-            ssl_context=ssl_context,  # type: ignore[arg-type]
+            pool_maxsize=config.balancer.scanners_count,
+            ssl_context=ssl_context,
         )
         self.session.mount(spec.base_url, adapter)
         self.adapter = self.session.get_adapter(spec.base_url)
         assert isinstance(self.adapter, PinningAdapter)
-        self.slots = threading.BoundedSemaphore(scanners_count)
+        self.slots = Slots(config.balancer.scanners_count, freed)
+        self.health = Health(
+            spec.host,
+            spec.api_port,
+            config.failover.cooldown,
+            quarantine_mismatch=config.failover.on_mismatch == "failover",
+        )
 
     def send(self, prepared: PreparedRequest, timeout: tuple[float, float]) -> requests.Response:
         """Send *prepared* and return the answer with its body unread.
 
-        Raises :class:`NotSent` when nothing was sent, a
-        :class:`~app.errors.BalancerError` otherwise.
+        Raises :class:`NotSent` when nothing was sent, :class:`AfterSend`
+        when the instance failed before answering, and the pin check's
+        :class:`~app.errors.BalancerError` as it is.
         """
         try:
             return self.adapter.send(prepared, stream=True, timeout=timeout, verify=False)
+        except _NotConnected as exc:
+            raise NotSent(self.spec, describe_connect(exc.__cause__)) from exc
         except BalancerError:
             raise
         except requests.RequestException as exc:
@@ -76,42 +190,73 @@ class Upstream:
         self.session.close()
 
 
-def translate(spec: InstanceSpec, exc: requests.RequestException) -> Exception:
-    """The balancer's view of a requests exception: NotSent, or a client-facing error."""
-    reason = _reason(exc)
-    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.SSLError)) or isinstance(
-        reason, urllib3.exceptions.NewConnectionError
-    ):
-        return NotSent(spec, _describe(reason))
+def translate(spec: InstanceSpec, exc: requests.RequestException) -> NotSent | AfterSend:
+    """The balancer's view of a requests exception raised after the connection opened."""
+    reason = _innermost(exc)
+    if isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
+        # Raised by urllib3 only while connecting; kept in case a connection
+        # class ever bypasses _reporting.
+        return NotSent(spec, describe_connect(reason))
     if isinstance(exc, requests.ReadTimeout):
-        return InstanceTimeout(
+        error: InstanceError = InstanceTimeout(
             f"The instance {spec.name} did not answer in time.", spec.host, spec.api_port
         )
-    return InstanceFailed(
-        f"The instance {spec.name} failed after the request was sent: {_describe(reason)}.",
-        spec.host,
-        spec.api_port,
+        return AfterSend(error, "no answer within the read timeout", dropped=False)
+    dropped = isinstance(reason, _DROPPED)
+    described = "connection closed before an answer" if dropped else _describe(reason)
+    error = InstanceFailed(
+        f"The instance {spec.name} failed after the request was sent: {described}.", spec.host, spec.api_port
     )
+    return AfterSend(error, described, dropped)
 
 
-def _reason(exc: BaseException) -> BaseException:
-    """The innermost urllib3 or OS error behind a requests exception."""
-    seen = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
-    if isinstance(seen, urllib3.exceptions.MaxRetryError) and seen.reason is not None:
-        seen = seen.reason
+# A connection closed or reset with no answer: what a keep-alive race looks like.
+_DROPPED = (http.client.RemoteDisconnected, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The innermost urllib3, http.client or OS error behind a requests exception."""
+    seen: BaseException = exc
+    for _ in range(4):
+        if isinstance(seen, requests.RequestException) and seen.args and isinstance(seen.args[0], BaseException):
+            seen = seen.args[0]
+        elif isinstance(seen, urllib3.exceptions.MaxRetryError) and seen.reason is not None:
+            seen = seen.reason
+        elif isinstance(seen, urllib3.exceptions.ProtocolError) and len(seen.args) > 1 and isinstance(
+            seen.args[1], BaseException
+        ):
+            seen = seen.args[1]
+        else:
+            break
     return seen
 
 
-def _describe(reason: BaseException) -> str:
+def describe_connect(reason: BaseException | None) -> str:
+    """Why a connection could not be opened, in a few words."""
+    if isinstance(reason, urllib3.exceptions.NameResolutionError):
+        return "host name not resolved"
     if isinstance(reason, urllib3.exceptions.NewConnectionError):
         return "connection failed"
-    if isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+    if isinstance(reason, (urllib3.exceptions.ConnectTimeoutError, TimeoutError)):
         return "connection timed out"
-    if isinstance(reason, urllib3.exceptions.SSLError):
+    if isinstance(reason, ssl.SSLError):
         return "TLS handshake failed"
-    if isinstance(reason, urllib3.exceptions.ProtocolError):
+    if isinstance(reason, OSError):
+        return "connection failed"
+    return type(reason).__name__
+
+
+def _describe(reason: BaseException) -> str:
+    if isinstance(reason, (urllib3.exceptions.SSLError, ssl.SSLError)):
+        return "TLS error"
+    if isinstance(reason, (urllib3.exceptions.ProtocolError, http.client.HTTPException)):
+        return "connection lost or answer malformed"
+    if isinstance(reason, OSError):
         return "connection lost"
     return type(reason).__name__
+
+
+# -- what is sent ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -123,14 +268,14 @@ class Outgoing:
     headers: list[tuple[str, str]]
     body: "bytes | IO[bytes] | None"
 
-    def prepare(self, upstream: Upstream, host_header: str) -> PreparedRequest:
+    def prepare(self, upstream: Upstream) -> PreparedRequest:
         """A PreparedRequest for *upstream*, built field by field.
 
         ``Request.prepare()`` would re-quote the target and, for a streamed
         body, add ``Transfer-Encoding: chunked`` beside our Content-Length.
         """
         headers = CaseInsensitiveDict(self.headers)
-        headers["Host"] = host_header
+        headers["Host"] = host_header(upstream.spec.host, upstream.spec.api_port)
         # urllib3 would add a User-Agent and http.client an Accept-Encoding
         # the client never sent (DESIGN section 5).
         headers.setdefault("User-Agent", SKIP_HEADER)
@@ -142,33 +287,114 @@ class Outgoing:
         prepared.body = self.body  # type: ignore[assignment]
         return prepared
 
+    def rewind(self) -> None:
+        """Put a held body back at its start before it is sent (again)."""
+        seek = getattr(self.body, "seek", None)
+        if seek is not None:
+            seek(0)
+
+
+class Answer:
+    """An instance's answer, holding its instance's slot until closed."""
+
+    def __init__(self, response: requests.Response, upstream: Upstream) -> None:
+        self.response = response
+        self.upstream = upstream
+        self._open = True
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self.response.close()
+        finally:
+            self.upstream.slots.release()
+
+
+# -- the instances of one worker ------------------------------------------------------------
+
 
 class Balancer:
-    """The enabled instances of one configuration, chosen in turn."""
+    """The enabled instances of one configuration, in turn, as one worker sees them."""
 
     def __init__(self, config: Config, store: PinStore) -> None:
-        context = unverified_context()
         self.config = config
         self.store = store
+        self.ssl_context = unverified_context()
+        # Created in the worker after gevent's patch: waiting greenlets yield.
+        self.freed = threading.Condition()
         self.upstreams = [
-            Upstream(spec, store, config.balancer.scanners_count, context) for spec in config.enabled_instances
+            Upstream(spec, store, config, self.ssl_context, self.freed) for spec in config.enabled_instances
         ]
         # Each worker starts at a random place in the turn, so that workers
         # that see little traffic do not all send their first requests to
         # the first instance.
         self._turn = itertools.count(random.randrange(max(len(self.upstreams), 1)))
+        #: Set by app.probe once this worker's probe loops run.
+        self.probing = False
 
-    def candidates(self) -> Iterator[Upstream]:
+    def candidates(self) -> list[Upstream]:
         """Every enabled instance once, starting with the next in turn."""
         n = len(self.upstreams)
         if not n:
-            return iter(())
+            return []
         start = next(self._turn) % n
-        return (self.upstreams[(start + i) % n] for i in range(n))
+        return [self.upstreams[(start + i) % n] for i in range(n)]
+
+    def take(
+        self, queue: list[Upstream], wait_until: float, reasons: list[str], clock: Callable[[], float]
+    ) -> tuple[Upstream, Ticket] | None:
+        """Remove and return the first instance of *queue* that may take a request now, with its ticket.
+
+        Instances being skipped (cooling down, quarantined, trial in flight)
+        leave the queue. When every remaining one has ``scanners_count``
+        requests in flight, waits for a slot until *wait_until*; None when
+        nothing is left or the wait is over.
+        """
+        with self.freed:
+            while True:
+                busy = []
+                for upstream in list(queue):
+                    if not upstream.health.admissible():
+                        queue.remove(upstream)
+                        reasons.append(f"{upstream.spec.name} is {upstream.health.state}")
+                        continue
+                    if not upstream.slots.try_acquire():
+                        busy.append(upstream)
+                        continue
+                    ticket = upstream.health.admit()
+                    if ticket is None:  # another thread took the trial meanwhile
+                        upstream.slots.release()
+                        continue
+                    queue.remove(upstream)
+                    return upstream, ticket
+                left = wait_until - clock()
+                if not busy or left <= 0:
+                    for upstream in busy:
+                        queue.remove(upstream)
+                        reasons.append(
+                            f"{upstream.spec.name} has {upstream.slots.count} requests in flight (scanners_count)"
+                        )
+                    return None
+                self.freed.wait(left)
+
+    @staticmethod
+    def admissible(queue: list[Upstream]) -> int:
+        """How many instances of *queue* could still be tried."""
+        return sum(1 for upstream in queue if upstream.health.admissible())
 
     def no_instance(self, reasons: list[str]) -> NoInstanceAvailable:
-        detail = "; ".join(reasons) if reasons else "no instance is enabled"
-        return NoInstanceAvailable(f"No instance could take the request: {detail}.")
+        """503 listing *reasons*, with a Retry-After for when an instance may take requests again."""
+        detail = "; ".join(dict.fromkeys(reasons)) if reasons else "no instance is enabled"
+        waits = [u.health.retry_in() for u in self.upstreams]
+        if not waits:
+            seconds = self.config.failover.cooldown
+        elif min(waits) == 0:
+            seconds = 1.0  # an instance may take requests now: busy, or this request ran out of time
+        else:
+            seconds = min(waits)  # every instance is skipped: until the first cooldown ends
+        return NoInstanceAvailable(f"No instance could take the request: {detail}.", retry_after=max(1, math.ceil(seconds)))
 
     def close(self) -> None:
         for upstream in self.upstreams:

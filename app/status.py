@@ -1,0 +1,132 @@
+"""The balancer's own paths under ``/_balancer/`` (DESIGN section 6): health and status, never forwarded.
+
+::
+
+    GET /_balancer/health   200 {"status": "serving", "worker_pid": ...} while the process serves
+    GET /_balancer/status   200 every configured instance as this worker sees it
+
+Served by a WSGI middleware in front of Flask rather than by rules in its
+``url_map``: ``flask --app wsgi routes`` keeps listing exactly AllowedRequests
+(DESIGN section 2), and no rule, ``{name}`` placeholders included, can ever
+match a reserved path, whatever its spelling decodes to.
+
+Health is kept per worker process (each gunicorn worker has its own), so the
+status body names the worker that answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+from werkzeug.wrappers import Request, Response
+
+from . import probe
+from .config import InstanceSpec
+from .errors import BalancerError, MethodNotAllowed, RequestNotAllowed
+from .health import DISABLED, NOT_PINNED, UP
+from .pins import NotACertificate, read_reference, sha256
+from .upstream import Balancer
+
+PREFIX = "/_balancer"
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class ReservedPaths:
+    """WSGI middleware: ``/_balancer`` and everything under it is answered here, the rest goes on to *app*.
+
+    Also starts this worker's probe loops at its first request (lazily, after
+    gevent has patched; nothing is started by ``flask routes``).
+    """
+
+    def __init__(self, app: WSGIApp, balancer: Balancer) -> None:
+        self.app = app
+        self.balancer = balancer
+        self.views = {"/health": self.health, "/status": self.status}
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        probe.start(self.balancer)
+        path = environ.get("PATH_INFO", "")
+        if path != PREFIX and not path.startswith(PREFIX + "/"):
+            return self.app(environ, start_response)
+        return self.serve(Request(environ))(environ, start_response)
+
+    def serve(self, request: Request) -> Response:
+        view = self.views.get(request.path[len(PREFIX) :])
+        try:
+            if view is None:
+                raise RequestNotAllowed(
+                    f"{request.path} is not a path of the balancer; it serves {PREFIX}/health and {PREFIX}/status."
+                )
+            if request.method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"{request.method} is not allowed for this path; allowed: GET, HEAD.", ["GET", "HEAD"])
+            return _json(view(), 200)
+        except BalancerError as exc:
+            response = _json(exc.body(), exc.status)
+            for name, value in exc.headers():
+                response.headers[name] = value
+            return response
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "serving", "worker_pid": os.getpid()}
+
+    def status(self) -> dict[str, Any]:
+        config = self.balancer.config
+        upstreams = {u.spec: u for u in self.balancer.upstreams}
+        return {
+            "worker_pid": os.getpid(),
+            "scope": "this worker process: each gunicorn worker keeps its own view of the instances",
+            "configuration": str(config.path),
+            "instances": [self.instance(spec, upstreams.get(spec)) for spec in config.instances],
+        }
+
+    def instance(self, spec: InstanceSpec, upstream: Any) -> dict[str, Any]:
+        path = self.balancer.store.path_for(spec)
+        fingerprint, problem = _fingerprint(path)
+        if upstream is None:
+            state, in_flight, error, error_at = DISABLED, 0, None, None
+        else:
+            health = upstream.health
+            state, in_flight = health.state, upstream.slots.in_flight
+            error, error_at = health.last_error, health.last_error_at
+            if state == UP and fingerprint is None and problem is None:
+                state = NOT_PINNED
+        return {
+            "host": spec.host,
+            "api_port": spec.api_port,
+            "matching_port": spec.matching_port,
+            "enabled": spec.enabled,
+            "state": state,
+            "in_flight": in_flight,
+            "last_error": error,
+            "last_error_at": _iso(error_at),
+            "reference": str(path),
+            "reference_sha256": fingerprint,
+            "reference_error": problem,
+        }
+
+
+def _fingerprint(path: os.PathLike[str]) -> tuple[str | None, str | None]:
+    """(SHA-256, None) of the reference file, (None, None) when there is none, (None, reason) when unusable."""
+    try:
+        return sha256(read_reference(path)), None  # type: ignore[arg-type]
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except (NotACertificate, OSError) as exc:
+        return None, (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _json(body: dict[str, Any], status: int) -> Response:
+    response = Response(json.dumps(body, indent=2) + "\n", status=status, mimetype="application/json")
+    # Each answer is one worker's view at one moment.
+    response.headers["Cache-Control"] = "no-store"
+    return response
