@@ -318,3 +318,129 @@ def test_last_try_another_answer_is_relayed_when_no_instance_is_left(tmp_path, c
     assert sorted((r.status, r.json()["port"]) for r in answers) == sorted(
         [(429, one.port), (503, two.port)] * 2
     )
+
+
+# -- scanners_count -----------------------------------------------------------------------------
+
+
+def _slow_and_fast(make_instance, released: threading.Event):
+    def sleepy(_request: Request) -> Response:
+        released.wait(10)
+        return Response("late")
+
+    instances = [make_instance(), make_instance()]
+    for inst in instances:
+        inst.server.expect_request("/api/v.1.1/slow").respond_with_handler(sleepy)
+        inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    return instances
+
+
+def test_a_busy_instance_is_passed_over_for_one_with_a_free_slot(tmp_path, make_instance, start_balancer):
+    released = threading.Event()
+    a, b = _slow_and_fast(make_instance, released)
+    balancer = start_balancer(
+        config(tmp_path, [Spec("127.0.0.1", a.port, 9001), Spec("127.0.0.1", b.port, 9002)],
+               extra='  <Timeouts queue="0" read="20"/>\n', workers=1, scanners_count=1)
+    )
+    pending = threading.Thread(target=get, args=(balancer.port, "/api/v.1.1/slow"))
+    try:
+        pending.start()
+        time.sleep(0.5)
+        # One instance holds the slow request in its only slot; every request, whichever
+        # instance is next in turn, goes to the other one and does not wait.
+        answers = [get(balancer.port, "/api/v.1.1/suppliers") for _ in range(4)]
+        assert pending.is_alive()
+    finally:
+        released.set()
+        pending.join(15)
+    ports = {r.json()["port"] for r in answers}
+    assert [r.status for r in answers] == [200] * 4
+    assert len(ports) == 1 and ports <= {a.port, b.port}
+
+
+def test_requests_over_scanners_count_wait_for_a_slot_then_get_503(tmp_path, make_instance, start_balancer):
+    released = threading.Event()
+    inst = make_instance()
+
+    def sleepy(_request: Request) -> Response:
+        released.wait(10)
+        return Response("late")
+
+    inst.server.expect_request("/api/v.1.1/slow").respond_with_handler(sleepy)
+    inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    balancer = start_balancer(
+        config(tmp_path, [inst], extra='  <Timeouts queue="1" read="20"/>\n', workers=1, scanners_count=2)
+    )
+    pending = [threading.Thread(target=get, args=(balancer.port, "/api/v.1.1/slow")) for _ in range(2)]
+    try:
+        for t in pending:
+            t.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        refused = get(balancer.port, "/api/v.1.1/suppliers")
+        waited = time.monotonic() - started
+        # Waits for the queue time (1 s), not for ever; bounds, not a benchmark.
+        assert 1 - 0.2 <= waited < 1 + 3
+        assert refused.status == 503
+        assert refused.header("Retry-After") == "1"
+        assert refused.json() == {
+            "error": "no_instance_available",
+            "description": f"No instance could take the request: 127.0.0.1:{inst.port} has 2 requests in flight "
+            "(scanners_count).",
+        }
+        # A request that finds a slot freed while it waits goes through.
+        waiting: dict[str, object] = {}
+        late = threading.Thread(target=lambda: waiting.update(resp=get(balancer.port, "/api/v.1.1/suppliers")))
+        late.start()
+        time.sleep(0.3)
+        released.set()
+        late.join(10)
+        assert waiting["resp"].status == 200  # type: ignore[attr-defined]
+    finally:
+        released.set()
+        for t in pending:
+            t.join(15)
+    # The instance never had more than scanners_count requests of this worker at once.
+    assert len([r for r in inst.requests if r.path == "/api/v.1.1/suppliers"]) == 1
+
+
+# -- certificate mismatch -----------------------------------------------------------------------
+
+
+def test_mismatch_with_on_mismatch_failover_quarantines_the_instance_until_its_reference_is_fixed(
+    tmp_path, ca, make_instance, start_balancer
+):
+    from app.pins import der_to_pem, replace_reference, sha256
+
+    from .support import leaf_der
+
+    wrong, right = make_instance(), make_instance()
+    for inst in (wrong, right):
+        inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    reference = certs / "127.0.0.1_9001.pem"
+    stale = der_to_pem(leaf_der(ca.issue_cert("127.0.0.1")))
+    reference.write_bytes(stale)
+    balancer = start_balancer(
+        config(tmp_path, [Spec("127.0.0.1", wrong.port, 9001), Spec("127.0.0.1", right.port, 9002)],
+               extra='  <Failover on_mismatch="failover" cooldown="1"/>\n', workers=1)
+    )
+    answers = [get(balancer.port, "/api/v.1.1/suppliers") for _ in range(6)]
+    assert [(r.status, r.json()) for r in answers] == [(200, {"port": right.port})] * 6
+    assert wrong.requests == []
+    assert reference.read_bytes() == stale
+    log = balancer.log()
+    assert f"certificate mismatch for instance 127.0.0.1:{wrong.port}" in log
+    assert f"instance 127.0.0.1:{wrong.port} quarantined: certificate mismatch (received sha256 {sha256(wrong.der)})" in log
+    status = get(balancer.port, "/_balancer/status").json()["instances"][0]
+    assert status["state"] == "certificate mismatch"
+
+    # The operator accepts the instance's certificate: after the cooldown it takes requests again.
+    replace_reference(reference, wrong.der)
+    deadline = time.monotonic() + 10
+    while not wrong.requests and time.monotonic() < deadline:
+        assert get(balancer.port, "/api/v.1.1/suppliers").status == 200
+        time.sleep(0.2)
+    assert wrong.requests, "the instance stayed quarantined after its reference was fixed"
+    assert f"instance 127.0.0.1:{wrong.port} is back up" in balancer.log()
