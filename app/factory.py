@@ -19,9 +19,14 @@ log = logging.getLogger(__name__)
 def create_app(config: Config | None = None) -> Flask:
     """Build the balancer for *config*, or for the file ``BALANCER_CONFIG`` names.
 
-    A configuration that cannot be used ends the process with its one-line
-    reason (file, line, what was wrong and what was expected).
+    Under gunicorn the master has loaded the file already and workers use
+    that configuration (:func:`app.config.active`), so that a broken edit
+    the master refused on SIGHUP never reaches them. A configuration that
+    cannot be used ends the process with its one-line reason (file, line,
+    what was wrong and what was expected).
     """
+    if config is None:
+        config = config_module.active()
     if config is None:
         try:
             config = config_module.load()
