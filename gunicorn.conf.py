@@ -2,24 +2,65 @@
 
     gunicorn -c gunicorn.conf.py wsgi:app
 
-This file runs in the master before any worker exists. It reads the XML with
-``app.config`` alone (standard library and lxml): importing Flask, requests
-or urllib3 here would load ssl before the gevent worker patches it, and the
-worker would then fail with RecursionError (DESIGN section 7).
+This file runs in the master before any worker exists, and again on every
+SIGHUP. It reads the XML with ``app.config`` alone (standard library and
+lxml): importing Flask, requests or urllib3 here would load ssl before the
+gevent worker patches it, and the worker would then fail with RecursionError
+(DESIGN section 7).
 """
 
 import logging
 import os
 import sys
 
-from app.config import ConfigError, load
+from app.config import Config, ConfigError, activate, active, load
 
-try:
-    _config = load()
-except ConfigError as exc:
-    # One line naming file, line and reason, and a non-zero exit: no traceback.
-    sys.stderr.write(f"ctbalancer: configuration error: {exc}\n")
-    sys.exit(1)
+# -- Logging ----------------------------------------------------------------------
+# The app's decisions (pin learned, mismatch, instance down or back) go to
+# stderr beside gunicorn's own log; app/ attaches no handler itself. The
+# handler is replaced, not added: this file runs again on every SIGHUP.
+_handler = logging.StreamHandler(sys.stderr)
+_handler.setFormatter(
+    logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s", "[%Y-%m-%d %H:%M:%S %z]")
+)
+_app_log = logging.getLogger("app")
+_app_log.handlers = [_handler]
+_app_log.setLevel(os.environ.get("BALANCER_LOG_LEVEL", "INFO").upper())
+_app_log.propagate = False
+
+
+# -- Configuration ------------------------------------------------------------------
+# At start-up a bad file stops the master with one line. On SIGHUP gunicorn
+# runs this file again, and an exception or SystemExit here would kill the
+# master: a bad file is refused, logged, and the configuration already
+# served stays active, with the settings below taken from it. Workers forked
+# from now on inherit the active configuration (app.config.active, issue #4).
+def _configuration() -> Config:
+    previous = active()
+    reload_log = logging.getLogger("app.reload")
+    try:
+        config = load()
+    except ConfigError as exc:
+        if previous is None:
+            # One line naming file, line and reason, and a non-zero exit: no traceback.
+            sys.stderr.write(f"ctbalancer: configuration error: {exc}\n")
+            sys.exit(1)
+        reload_log.error("reload refused, still serving the previous configuration: configuration error: %s", exc)
+        return previous
+    except Exception as exc:
+        if previous is None:
+            raise
+        reload_log.error("reload refused, still serving the previous configuration: %s: %s", type(exc).__name__, exc)
+        return previous
+    if previous is not None:
+        reload_log.info(
+            "configuration reloaded from %s: %d instances enabled", config.path, len(config.enabled_instances)
+        )
+    activate(config)
+    return config
+
+
+_config = _configuration()
 
 # -- Server socket -------------------------------------------------------------
 # The Balancer element's address and api_port.
@@ -40,7 +81,9 @@ workers = int(os.environ.get("BALANCER_WORKERS", _config.workers))
 worker_connections = 1000
 # Seconds a silent worker may live; gevent workers notify between requests.
 timeout = 30
-graceful_timeout = 30
+# On SIGHUP and SIGTERM old workers finish the requests they hold: give them
+# the longest a request may wait for its answer (Timeouts total, issue #4).
+graceful_timeout = max(30, int(_config.timeouts.total) + 5)
 # SIEMs keep connections open between batches.
 keepalive = 75
 
@@ -49,14 +92,16 @@ keepalive = 75
 # the test suite) would collide on it (DESIGN section 7).
 control_socket_disable = True
 
-# -- Logging ----------------------------------------------------------------------
-# The app's decisions (pin learned, mismatch, instance not reached) go to
-# stderr beside gunicorn's own log; app/ attaches no handler itself.
-_handler = logging.StreamHandler(sys.stderr)
-_handler.setFormatter(
-    logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s", "[%Y-%m-%d %H:%M:%S %z]")
-)
-_app_log = logging.getLogger("app")
-_app_log.addHandler(_handler)
-_app_log.setLevel(os.environ.get("BALANCER_LOG_LEVEL", "INFO").upper())
-_app_log.propagate = False
+# -- Server hooks -------------------------------------------------------------------
+
+
+def post_worker_init(worker):
+    """Start this worker's active health checks (HealthCheck interval, issue #4).
+
+    Imported here, in the worker, after gevent has patched: a probe loop is
+    then a greenlet. Nothing starts when the interval is 0 (the default).
+    """
+    from app.probe import start
+    from app.proxy import EXTENSION
+
+    start(worker.wsgi.extensions[EXTENSION])

@@ -215,7 +215,7 @@ def test_probe_sends_no_http_request(tmp_path, ca, start_balancer):
         balancer = start_balancer(
             write_config(tmp_path, [Spec("127.0.0.1", instance.port, 9001)], extra='  <HealthCheck interval="1"/>\n', workers=1)
         )
-        status(balancer.port)
+        # No request at all: gunicorn's post_worker_init started the probes.
         wait_for(lambda: instance.connections >= 2, 5, "two probes")
     finally:
         instance.close()
