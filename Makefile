@@ -22,5 +22,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m demo.run
 
+# Benchmark: the balancer against a direct connection and nginx, on loopback
+# (bench/run.py; BENCH_SECONDS=2 BENCH_ROUNDS=1 for a smoke run). Installs
+# nginx and wrk with apt-get when they are missing.
+bench: $(STAMP)
+	@if ! command -v nginx >/dev/null 2>&1 && ! test -x /usr/sbin/nginx || ! command -v wrk >/dev/null 2>&1; then \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y nginx wrk; \
+	fi
+	$(BIN)/python bench/run.py
+
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
