@@ -401,7 +401,7 @@ class _Reader:
         for el in (cert_el, key_el):
             self.no_attributes(el)
             p = self.resolve(self.text(el, "a file path"))
-            if not p.is_file() or not os.access(p, os.R_OK):
+            if not _readable_file(p):
                 raise self.fail(el.sourceline, f"<{el.tag}> {str(p)!r} is not a readable file; expected a PEM file")
             paths.append(p)
         return paths[0], paths[1]
@@ -664,6 +664,18 @@ def _doctype_line(data: bytes) -> int | None:
         if end < 0:
             return None
         pos = end + length
+
+
+def _readable_file(path: Path) -> bool:
+    """Whether *path* names a regular file this process may read.
+
+    ``Path.is_file()`` raises for some errors (a name longer than the file
+    system allows, ENAMETOOLONG) instead of answering False.
+    """
+    try:
+        return path.is_file() and os.access(path, os.R_OK)
+    except OSError:
+        return False
 
 
 def _children(el: etree._Element) -> Iterator[etree._Element]:

@@ -281,6 +281,15 @@ BROKEN = [
         ),
         "{path}:4: <SSLCertificatePath> '{dir}/tls/cert.pem' is not a readable file; expected a PEM file",
     ),
+    param(
+        "certificate-file-name-too-long",
+        edit(
+            "  <CertDirPath>",
+            f"  <SSLCertificatePath>{'a' * 300}.pem</SSLCertificatePath>\n"
+            "  <SSLPrivateKeyPath>tls/key.pem</SSLPrivateKeyPath>\n  <CertDirPath>",
+        ),
+        "{path}:4: <SSLCertificatePath> '{dir}/" + "a" * 300 + ".pem' is not a readable file; expected a PEM file",
+    ),
     # -- CertDirPath, EventDelimiter -----------------------------------------------------------------
     param(
         "missing-certdirpath",
