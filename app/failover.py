@@ -30,6 +30,7 @@ from typing import Callable
 
 from .config import Timeouts
 from .errors import BalancerError, CertificateMismatch, InstanceError, InstanceTimeout
+from .health import Ticket
 from .upstream import AfterSend, Answer, Balancer, NotSent, Outgoing
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,12 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
                 continue
             except AfterSend as exc:
                 upstream.slots.release()
-                if exc.dropped:
-                    ticket.release()  # says nothing about the instance: the next connect will
-                else:
-                    ticket.failed(exc.reason)
+                retried = id(upstream) in second_chances
+                _judge(ticket, exc, retried)
                 if not repeatable or isinstance(exc.error, InstanceTimeout):
                     raise exc.error from exc
                 failure = exc.error
-                if exc.dropped and id(upstream) not in second_chances:
+                if exc.dropped and not retried:
                     second_chances.add(id(upstream))
                     queue.append(upstream)
                 log.info(
@@ -147,6 +146,23 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
     if failure is not None:
         raise failure
     raise balancer.no_instance(reasons)
+
+
+def _judge(ticket: Ticket, exc: AfterSend, retried: bool) -> None:
+    """What a failure after sending says about the instance's health.
+
+    A read timeout is a failure. A connection closed with no answer is one
+    only when it happens again on the second chance: once, it is the shape
+    of a keep-alive race. A malformed answer is still an answer: the
+    instance is reachable, and one bad endpoint must not take it out of
+    rotation for every request.
+    """
+    if isinstance(exc.error, InstanceTimeout) or (exc.dropped and retried):
+        ticket.failed(exc.reason)
+    elif exc.dropped:
+        ticket.release()
+    else:
+        ticket.succeeded()
 
 
 def _discard(answer: Answer | None) -> None:

@@ -182,6 +182,9 @@ def test_slow_instance_gives_504_after_the_read_timeout_while_the_worker_serves_
         time.sleep(0.05)
     time.sleep(0.3)
     assert slow_requests() == 1
+    # A read timeout is a failure: that instance is skipped for the cooldown (10 s by default).
+    states = {i["api_port"]: (i["state"], i["last_error"]) for i in get(balancer.port, "/_balancer/status").json()["instances"]}
+    assert states[body["port"]] == ("cooling down", "no answer within the read timeout")
 
 
 # -- not sent twice -----------------------------------------------------------------------------
@@ -444,3 +447,48 @@ def test_mismatch_with_on_mismatch_failover_quarantines_the_instance_until_its_r
         time.sleep(0.2)
     assert wrong.requests, "the instance stayed quarantined after its reference was fixed"
     assert f"instance 127.0.0.1:{wrong.port} is back up" in balancer.log()
+
+
+# -- what a failure says about the instance -----------------------------------------------------
+
+
+def test_a_malformed_answer_does_not_take_the_instance_out_of_rotation(tmp_path, ca, start_balancer):
+    def script(request: Received) -> bytes | str:
+        return GARBLED if request.path == "/api/v2/garbled" else json_answer(instance.port)
+
+    instance = ScriptedInstance(ca.issue_cert("127.0.0.1"), script)
+    try:
+        balancer = start_balancer(
+            config(tmp_path, [Spec("127.0.0.1", instance.port, 9001)], allowed=ALLOWED + (("GET", "/api/v2/garbled"),),
+                   extra='  <Failover cooldown="60"/>\n', workers=1)
+        )
+        garbled = get(balancer.port, "/api/v2/garbled")
+        after = get(balancer.port, "/api/v.1.1/suppliers")
+        state = get(balancer.port, "/_balancer/status").json()["instances"][0]["state"]
+    finally:
+        instance.close()
+    assert (garbled.status, garbled.json()["error"]) == (502, "instance_failed")
+    assert (after.status, state) == (200, "up")
+    # A GET is repeatable, but there was no other instance, and a malformed answer gets no second chance.
+    assert [r.path for r in instance.received] == ["/api/v2/garbled", "/api/v.1.1/suppliers"]
+
+
+def test_a_connection_closed_twice_without_answer_takes_the_instance_out(tmp_path, ca, start_balancer):
+    instance = ScriptedInstance(ca.issue_cert("127.0.0.1"), lambda request: CLOSE)
+    try:
+        balancer = start_balancer(
+            config(tmp_path, [Spec("127.0.0.1", instance.port, 9001)], extra='  <Failover cooldown="60"/>\n', workers=1)
+        )
+        first = get(balancer.port, "/api/v.1.1/suppliers")
+        second = get(balancer.port, "/api/v.1.1/suppliers")
+        state = get(balancer.port, "/_balancer/status").json()["instances"][0]
+    finally:
+        instance.close()
+    assert (first.status, first.json()["error"]) == (502, "instance_failed")
+    assert first.json()["description"] == (
+        f"The instance 127.0.0.1:{instance.port} failed after the request was sent: connection closed before an answer."
+    )
+    assert (second.status, second.json()["error"]) == (503, "no_instance_available")
+    assert (state["state"], state["last_error"]) == ("cooling down", "connection closed before an answer")
+    # Sent, sent again once over a new connection, then never again during the cooldown.
+    assert [(r.connection, r.path) for r in instance.received] == [(0, "/api/v.1.1/suppliers"), (1, "/api/v.1.1/suppliers")]
