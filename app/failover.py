@@ -29,7 +29,7 @@ import time
 from typing import Callable
 
 from .config import Timeouts
-from .errors import BalancerError, CertificateMismatch, InstanceError, InstanceTimeout
+from .errors import CertificateMismatch, InstanceError, InstanceTimeout
 from .health import Ticket
 from .upstream import AfterSend, Answer, Balancer, NotSent, Outgoing
 
@@ -113,18 +113,18 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
                 upstream.slots.release()
                 retried = id(upstream) in second_chances
                 _judge(ticket, exc, retried)
+                if held is not None and isinstance(exc.error, InstanceTimeout):
+                    break  # an instance's own "try another" answer beats a 504 of ours
                 if not repeatable or isinstance(exc.error, InstanceTimeout):
                     raise exc.error from exc
                 failure = exc.error
                 if exc.dropped and not retried:
                     second_chances.add(id(upstream))
                     queue.append(upstream)
-                log.info(
-                    "instance %s failed after the request was sent (%s); sending it again", upstream.spec.name, exc.reason
-                )
+                log.info("instance %s failed after the request was sent (%s); trying the next", upstream.spec.name, exc.reason)
                 continue
             except BaseException as exc:
-                if isinstance(exc, BalancerError):
+                if isinstance(exc, InstanceError):  # reference unreadable or unsaved
                     ticket.health.noted(exc.code)
                 ticket.release()
                 upstream.slots.release()

@@ -323,6 +323,34 @@ def test_last_try_another_answer_is_relayed_when_no_instance_is_left(tmp_path, c
     )
 
 
+def test_try_another_answer_is_relayed_when_the_other_instance_times_out(tmp_path, ca, make_instance, start_balancer):
+    busy = ScriptedInstance(ca.issue_cert("127.0.0.1"), lambda request: json_answer(busy.port, 429))
+    slow = make_instance()
+    released = threading.Event()
+
+    def sleepy(_request: Request) -> Response:
+        released.wait(5)
+        return Response("late")
+
+    slow.server.expect_request("/api/v.1.1/suppliers").respond_with_handler(sleepy)
+    try:
+        balancer = start_balancer(
+            config(tmp_path, [Spec("127.0.0.1", busy.port, 9001), Spec("127.0.0.1", slow.port, 9002)],
+                   extra='  <Timeouts read="1"/>\n  <Failover cooldown="0"/>\n', workers=1)
+        )
+        answers = [get(balancer.port, "/api/v.1.1/suppliers") for _ in range(2)]
+    finally:
+        released.set()
+        busy.close()
+    # One request started with the busy instance: its 429 beats our 504. The other started with the
+    # slow one: a read timeout is not retried.
+    assert sorted((r.status, r.json().get("port"), r.json().get("error")) for r in answers) == [
+        (429, busy.port, None),
+        (504, slow.port, "instance_timeout"),
+    ]
+    assert busy.count() == 1
+
+
 # -- scanners_count -----------------------------------------------------------------------------
 
 
