@@ -5,9 +5,9 @@ Whether anything was sent is decided by *when* a failure happened, not by its
 type: every exception raised while a connection opens (TCP connect, TLS
 handshake, no certificate) leaves the connection as :class:`_NotConnected`,
 which is not an ``OSError`` and so travels through urllib3 and requests
-untouched (DESIGN section 7), and becomes :class:`NotSent`. Everything else
-happened after the first byte of the request may have left: an ``SSLError``
-while reading an answer must not let a POST be sent twice.
+untouched (DESIGN section 7), and becomes :class:`NotSent`. Any other failure
+may have come after bytes of the request left: an ``SSLError`` while reading
+an answer must not let a POST be sent twice.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class AfterSend(Exception):
 
     ``dropped`` is True when the connection was closed or reset before a byte
     of an answer: the shape of a keep-alive connection the instance closed
-    just as the request went out, which says nothing about the instance.
+    just as the request went out, which, once, says nothing about the instance.
     """
 
     def __init__(self, error: InstanceError, reason: str, dropped: bool) -> None:
