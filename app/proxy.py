@@ -87,7 +87,9 @@ def forward(**_placeholders: str) -> Response:
     """Send the request to the next instance that takes it and relay its answer."""
     balancer: Balancer = current_app.extensions[EXTENSION]
     repeatable = _repeatable()
-    body, length, held = _request_body(balancer.config.failover.buffer_bytes if repeatable else 0)
+    body, length, held = _request_body(
+        balancer.config.failover.buffer_bytes if repeatable else 0, balancer.config.timeouts.read
+    )
     headers = request_headers(
         request.headers.items(),
         client_addr=request.remote_addr or "",
@@ -106,19 +108,21 @@ def _repeatable() -> bool:
     return (rule, request.method) in pairs or (request.method == "HEAD" and (rule, "GET") in pairs)
 
 
-def _request_body(buffer_bytes: int) -> tuple[bytes | IO[bytes] | None, int | None, bool]:
+def _request_body(buffer_bytes: int, silence: float) -> tuple[bytes | IO[bytes] | None, int | None, bool]:
     """The body to send on, its length, and whether it is held (so it can be sent again).
 
     A body announced by Content-Length is held in memory up to
     *buffer_bytes* and streamed beyond; a chunked one is always counted in a
-    spool, which can be read again.
+    spool, which can be read again. A client silent for *silence* seconds
+    while sending it gets 400.
     """
     environ = request.environ
+    client_input = _ClientInput(environ, silence)
     length = request.content_length
     if length is not None:
         if not length:
             return b"", 0, True
-        body = _ExactBody(environ["wsgi.input"], length)
+        body = _ExactBody(client_input, length)
         if length <= buffer_bytes:
             return body.read_all(), length, True
         return body, length, False
@@ -126,7 +130,7 @@ def _request_body(buffer_bytes: int) -> tuple[bytes | IO[bytes] | None, int | No
         # The server in front has de-chunked it; count it so the instance
         # gets a Content-Length, without holding a large upload in memory.
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-        stream = environ["wsgi.input"]
+        stream = client_input
         size = 0
         while chunk := stream.read(RELAY_CHUNK):
             spool.write(chunk)
@@ -134,6 +138,41 @@ def _request_body(buffer_bytes: int) -> tuple[bytes | IO[bytes] | None, int | No
         spool.seek(0)
         return spool, size, True
     return None, None, True
+
+
+class _ClientInput:
+    """``wsgi.input``, failing with 400 when the client breaks its body's framing or falls silent.
+
+    Without a limit, a client that stops sending its body keeps its greenlet
+    and, for a streamed body, the instance connection and a scanners_count
+    slot for as long as it keeps the connection open: a few such clients
+    lock everyone else out of an instance (issue #7). gunicorn's worker
+    gives the client socket no timeout, so one is set on it (``Timeouts
+    read``, the longest silence allowed on either side) for each read, and
+    the previous one put back. Errors of the server's body reader (a bad
+    chunk size, a client gone in the middle of a chunk) become the same 400.
+    """
+
+    def __init__(self, environ: dict, silence: float) -> None:
+        self._stream = environ["wsgi.input"]
+        self._socket = environ.get("gunicorn.socket")
+        self._silence = silence
+
+    def read(self, size: int = -1) -> bytes:
+        previous = self._socket.gettimeout() if self._socket is not None else None
+        if self._socket is not None:
+            self._socket.settimeout(self._silence)
+        try:
+            return self._stream.read(size)
+        except TimeoutError as exc:
+            raise RequestBodyInvalid(
+                f"The client sent nothing of its request body for {self._silence:g} seconds."
+            ) from exc
+        except Exception as exc:
+            raise RequestBodyInvalid("The request body is malformed or ended early.") from exc
+        finally:
+            if self._socket is not None:
+                self._socket.settimeout(previous)
 
 
 class _ExactBody:
