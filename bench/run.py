@@ -466,12 +466,26 @@ class InstanceLog:
 
 
 class Budget:
-    """Seconds of waiting for a quiet machine and re-runs this whole run may spend."""
+    """Seconds of waiting for a quiet machine and re-runs this whole run may spend.
 
-    wait_left = float(os.environ.get("BENCH_QUIET_WAIT") or 90)
-    retries_left = int(os.environ.get("BENCH_RETRIES") or 12)
+    Shared out over the scenarios still to come, so that the first ones cannot
+    use it all up; what one scenario leaves goes on to the next.
+    """
+
+    total_wait = float(os.environ.get("BENCH_QUIET_WAIT") or 90)
+    total_retries = int(os.environ.get("BENCH_RETRIES") or 12)
+    scenarios_left = 6  # set by bench()
+    wait_left = 0.0
+    retries_left = 0
     waited = 0.0
     retried = 0
+
+    @classmethod
+    def open_scenario(cls) -> None:
+        n = max(1, cls.scenarios_left)
+        cls.wait_left = (cls.total_wait - cls.waited) / n
+        cls.retries_left = -(-(cls.total_retries - cls.retried) // n)  # ceiling
+        cls.scenarios_left -= 1
 
 
 def foreign_now(interval: float = 0.5) -> float:
@@ -492,7 +506,8 @@ def wait_quiet() -> None:
         if load <= FOREIGN_LIMIT:
             break
         Budget.wait_left -= 0.5
-    Budget.waited += time.monotonic() - start
+        Budget.waited += 0.5
+    Budget.wait_time = getattr(Budget, "wait_time", 0.0) + time.monotonic() - start
 
 
 def measure(sc: Scenario, c: Contender, instance: Proc, ilog: InstanceLog) -> dict:
@@ -546,6 +561,7 @@ def measure(sc: Scenario, c: Contender, instance: Proc, ilog: InstanceLog) -> di
 
 
 def run_scenario(sc: Scenario, instance: Proc, ilog: InstanceLog) -> None:
+    Budget.open_scenario()
     log(f"{sc.label}: {', '.join(c.key for c in sc.contenders)} x {ROUNDS} rounds of {SECONDS}s")
     for r in range(ROUNDS):
         for c in sc.contenders:
@@ -965,7 +981,7 @@ def main() -> int:
         stop_all()
     RESULTS.mkdir(parents=True, exist_ok=True)
     data["meta"]["elapsed_s"] = round(time.monotonic() - t0, 1)
-    data["meta"]["quiet_wait_s"] = round(Budget.waited, 1)
+    data["meta"]["quiet_wait_s"] = round(getattr(Budget, "wait_time", 0.0), 1)
     data["meta"]["reruns_for_other_load"] = Budget.retried
     data["meta"]["work_dir"] = str(work.relative_to(ROOT))
     (RESULTS / "latest.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -1036,6 +1052,7 @@ def bench(work: Path) -> dict:
     memory: list[dict] = []
     notes: list[str] = []
     profile = None
+    Budget.scenarios_left = len(scenarios) + 2  # + workers, + HTTPS
     for sc in scenarios:
         run_scenario(sc, instance, ilog)
     memory += [dict(r, when="after the plain-HTTP scenarios") for r in memory_snapshot(bal, "balancer (HTTP)")]
