@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark: the balancer against a direct connection and against nginx, in one run.
 
-    make bench                                   # full run, about 6-7 minutes
-    make bench BENCH_SECONDS=2 BENCH_ROUNDS=1    # smoke run, about 1 minute
+    make bench                                   # full run, 6 to 10 minutes
+    make bench BENCH_SECONDS=2 BENCH_ROUNDS=1    # smoke run, 1 to 2 minutes
+    .venv/bin/python bench/run.py --help        # options (they override BENCH_*)
 
 Everything runs on loopback, in a fresh work directory under bench/.run/:
 
@@ -941,7 +942,57 @@ def print_table(data: dict) -> None:
 # -- main -------------------------------------------------------------------------------------------
 
 
+def parse_args(argv: list[str] | None = None) -> None:
+    """Options override the BENCH_* environment variables (the Makefile passes those)."""
+    import argparse
+
+    global SECONDS, ROUNDS, WARMUP, WORKERS, TIMEOUT, PROFILE, KEEP
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=SECONDS, help="length of one measured run (BENCH_SECONDS)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of alternation (BENCH_ROUNDS)")
+    parser.add_argument("--warmup", type=float, default=WARMUP, help="warm-up run before each run, 0 for none (BENCH_WARMUP)")
+    parser.add_argument("--workers", type=int, default=WORKERS, help="balancer workers (BENCH_WORKERS)")
+    parser.add_argument("--timeout", type=int, default=TIMEOUT, help="limit for the whole run in seconds (BENCH_TIMEOUT)")
+    parser.add_argument("--profile", action="store_true", default=PROFILE, help="py-spy profile of the balancer (BENCH_PROFILE)")
+    parser.add_argument("--keep", action="store_true", default=KEEP, help="keep older work dirs (BENCH_KEEP)")
+    args = parser.parse_args(argv)
+    if args.seconds < 1 or args.rounds < 1 or args.workers < 1 or args.warmup < 0:
+        parser.error("--seconds, --rounds and --workers must be at least 1, --warmup at least 0")
+    SECONDS, ROUNDS, WARMUP, WORKERS = args.seconds, args.rounds, args.warmup, args.workers
+    TIMEOUT, PROFILE, KEEP = args.timeout, args.profile, args.keep
+
+
+#: One benchmark at a time on a machine: two would load each other's CPUs.
+LOCK_PATH = Path("/tmp/ctbalancer-bench.lock")
+
+
+def take_lock() -> object | None:
+    import fcntl
+
+    f = open(LOCK_PATH, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        print(f"bench: another benchmark is running on this machine (pid {holder}); try again when it ends",
+              file=sys.stderr)
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f  # held until this process exits
+
+
 def main() -> int:
+    parse_args()
+    lock = take_lock()
+    if lock is None:
+        return 3
     def on_signal(signum: int, _frame: object) -> None:
         if signum == signal.SIGALRM:
             raise Interrupted(f"the whole run took longer than BENCH_TIMEOUT={TIMEOUT}s")
