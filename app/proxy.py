@@ -14,7 +14,7 @@ from typing import IO, Iterator
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
-from werkzeug.routing import RequestRedirect
+from werkzeug.routing import Map, RequestRedirect
 
 from . import routing
 from .config import Config
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 EXTENSION = "ctbalancer"
 #: app.extensions key of the (rule, method) pairs whose requests may be sent again.
 REPEATABLE = "ctbalancer.repeatable"
+#: app.extensions key of a Map of the rules that do not end in '/' (see _match_shadowed).
+SLASHLESS = "ctbalancer.slashless"
 ENDPOINT = "forward"
 
 #: Bytes read from an instance per write to the client.
@@ -72,6 +74,8 @@ def check_request() -> None:
     """Refuse, before any view runs, what must not reach an instance."""
     g.target = routing.check_target(routing.raw_target(request.environ))
     exc = request.routing_exception
+    if isinstance(exc, RequestRedirect):
+        exc = _match_shadowed()
     if exc is None:
         return
     if isinstance(exc, WerkzeugMethodNotAllowed):
@@ -81,6 +85,23 @@ def check_request() -> None:
     # (DESIGN section 5), so werkzeug's slash redirect must not happen.
     if isinstance(exc, (RequestRedirect, HTTPException)) and exc.code in (404, 308):
         raise RequestNotAllowed(f"{request.method} {request.path} is not in AllowedRequests.")
+
+
+def _match_shadowed() -> HTTPException | None:
+    """Match again when werkzeug offered a slash redirect; return what still refuses the request.
+
+    werkzeug answers /e/f with a redirect to /e/f/ as soon as a rule /e/f/
+    exists, without trying a placeholder rule such as /e/{x} that matches
+    /e/f exactly (found by tests/test_fuzz.py, issue #7). The rules that do
+    not end in '/' are matched again on their own.
+    """
+    adapter = current_app.extensions[SLASHLESS].bind_to_environ(request.environ)
+    try:
+        request.url_rule, request.view_args = adapter.match(return_rule=True)
+    except HTTPException as again:
+        return again
+    request.routing_exception = None
+    return None
 
 
 def forward(**_placeholders: str) -> Response:
@@ -256,6 +277,12 @@ def install(app: Flask, config: Config, balancer: Balancer) -> None:
         (routing.to_rule(a.path), a.method) for a in config.allowed if a.safe_to_repeat
     )
     app.register_blueprint(make_blueprint(config))
+    app.extensions[SLASHLESS] = Map(
+        [rule.empty() for rule in app.url_map.iter_rules() if not rule.rule.endswith("/")],
+        converters=routing.CONVERTERS,
+        merge_slashes=False,
+        strict_slashes=True,
+    )
     # In front of Flask, not in its url_map: `flask routes` lists exactly
     # AllowedRequests, and no rule ({name} included) can match /_balancer/.
     app.wsgi_app = ReservedPaths(app.wsgi_app, balancer)  # type: ignore[method-assign]
