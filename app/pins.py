@@ -12,7 +12,8 @@ leaf certificate in PEM, DER-equal to what it presented. The store
 * saves a first-seen certificate atomically and only if no file exists:
   written to a temporary file, then ``os.link``-ed to its final name, which
   fails if another worker won the race; the loser compares against the
-  winner's file (DESIGN section 3);
+  winner's file (DESIGN section 3). A saver killed half-way leaves at most a
+  dot-file ending in ``.tmp``, removed by the next save of that reference;
 * serialises first contacts per reference with an in-process lock (one
   greenlet or thread at a time) and, across workers and with the ``pins``
   commands, a ``filelock`` lock file created per use (:func:`reference_lock`);
@@ -31,6 +32,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import stat
 import threading
 import time
@@ -56,6 +58,15 @@ RECHECK_INTERVAL = 0.5
 
 #: The command an operator runs to accept a new certificate (shown in logs).
 TRUST_COMMAND = "flask --app wsgi pins trust"
+
+#: The steps of writing a reference, in order, where a test can stop the process.
+SAVE_STEPS = ("after-temp-open", "after-write", "after-fsync", "after-link", "before-unlink")
+
+#: Test hook (issue #7): the process stops itself with SIGSTOP when it reaches
+#: this step of a save, so that a test can SIGKILL it exactly there. Read once,
+#: at import, from CTBALANCER_PIN_SAVE_PAUSE; unset, it is None and a save pays
+#: one comparison per step. Only first contacts and ``pins`` changes save.
+SAVE_PAUSE: Optional[str] = os.environ.get("CTBALANCER_PIN_SAVE_PAUSE") or None
 
 _PEM_BLOCK = re.compile(
     rb"\A\s*-----BEGIN CERTIFICATE-----\r?\n([A-Za-z0-9+/=\r\n]+?)-----END CERTIFICATE-----\s*\Z"
@@ -136,6 +147,12 @@ def _signature(st: os.stat_result) -> Signature:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _reached(step: str) -> None:
+    """Stop this process here when :data:`SAVE_PAUSE` names *step* (a test's SIGKILL follows)."""
+    if SAVE_PAUSE == step:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 # -- operator changes, shared by the server and the ``pins`` commands ---------
 
 
@@ -198,18 +215,65 @@ def delete_reference(path: Path) -> bool:
 
 
 def _write_temporary(path: Path, der: bytes) -> Path:
-    """A fsync-ed temporary file beside *path* holding *der* in PEM; the caller links or removes it."""
+    """A fsync-ed temporary file beside *path* holding *der* in PEM; the caller links or removes it.
+
+    Called under the reference's lock, so it first removes what savers of
+    *path* that died left behind (:func:`_remove_stale_temporaries`).
+    """
+    _remove_stale_temporaries(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
+            _reached("after-temp-open")
             f.write(der_to_pem(der))
             f.flush()
+            _reached("after-write")
             os.fsync(f.fileno())
+            _reached("after-fsync")
     except BaseException:
         _unlink_quietly(tmp)
         raise
     return tmp
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the ``.<name>.<pid>.<hex>.tmp`` files of *path* whose process is gone; call under the lock.
+
+    A saver killed between creating its temporary file and unlinking it
+    (SIGKILL, the OOM killer) leaves one behind. Its name never ends in
+    ``.pem``, so nothing takes it for a reference; removing it at the next
+    save of the same reference keeps them from piling up (issue #7). Under
+    the lock no live saver of this reference has one, but a file whose
+    process still runs is left alone all the same.
+    """
+    stale = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return  # the write that follows reports what is wrong with the directory
+    for name in names:
+        match = stale.fullmatch(name)
+        if match is None or _running(int(match.group(1))):
+            continue
+        try:
+            os.unlink(path.parent / name)
+        except OSError:
+            continue  # removed by someone else, or not ours to remove: either way no reference
+        log.warning(
+            "removed %s, left by process %s that died while saving %s", path.parent / name, match.group(1), path
+        )
+
+
+def _running(pid: int) -> bool:
+    """Whether a process *pid* exists (a zombie counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
 
 
 def loose_permissions(cert_dir: Path) -> list[str]:
@@ -439,7 +503,9 @@ class PinStore:
             tmp = _write_temporary(path, der)
             try:
                 os.link(tmp, path)
+                _reached("after-link")
                 signature = _signature(os.stat(path))
+                _reached("before-unlink")
             finally:
                 _unlink_quietly(tmp)
             _fsync_dir(self.cert_dir)
