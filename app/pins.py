@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
@@ -58,6 +59,17 @@ RECHECK_INTERVAL = 0.5
 
 #: The command an operator runs to accept a new certificate (shown in logs).
 TRUST_COMMAND = "flask --app wsgi pins trust"
+
+#: What the operator should do when a first certificate cannot be saved, by errno
+#: (issue #7: a 500 must say what to fix; "make it writable" does not free a disk).
+UNSAVED_HINTS = {
+    errno.ENOSPC: "free space on the file system that holds CertDirPath",
+    errno.EDQUOT: "the balancer's user is over its disk quota there",
+    errno.EROFS: "that file system is mounted read-only: remount it read-write or set CertDirPath elsewhere",
+    errno.ENOTDIR: "a part of that path is a file, not a directory: move it or set CertDirPath elsewhere",
+    errno.EACCES: "the balancer's user may not write there: make it the owner of CertDirPath (mode 0700)",
+    errno.EPERM: "the balancer's user may not write there: make it the owner of CertDirPath (mode 0700)",
+}
 
 #: The steps of writing a reference, in order, where a test can stop the process.
 SAVE_STEPS = ("after-temp-open", "after-write", "after-fsync", "after-link", "before-unlink")
@@ -527,6 +539,8 @@ class PinStore:
 
     def _unsaved(self, instance: InstanceSpec, path: Path, exc: OSError) -> ReferenceUnsaved:
         reason = f"{exc.strerror or exc} ({exc.filename or path})"
+        if exc.errno in UNSAVED_HINTS:
+            reason += f"; {UNSAVED_HINTS[exc.errno]}"
         log.error("cannot save reference certificate %s of instance %s: %s", path, instance.name, reason)
         return ReferenceUnsaved(instance.host, instance.api_port, str(path), reason)
 
