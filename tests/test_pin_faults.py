@@ -1,0 +1,284 @@
+"""The pin store under faults (issue #7): processes killed while saving, CertDirPath unusable, damaged references.
+
+A save is stopped at each of its steps by the test hook in :mod:`app.pins`
+(``CTBALANCER_PIN_SAVE_PAUSE``, or ``app.pins.SAVE_PAUSE`` in a forked
+child): the saving process sends itself SIGSTOP there, and the test kills it
+with SIGKILL. What is guaranteed after such a kill:
+
+* the reference is absent, or holds the whole certificate (DER equal);
+* at most one temporary file is left, the dead process's own
+  ``.<reference>.<pid>.<hex>.tmp``, which never ends in ``.pem``; the next
+  save of that reference (a first contact, or ``pins trust``) removes it, so
+  they never pile up;
+* the next contact learns, or checks against what was saved.
+
+Read-only and full file systems are real tmpfs mounts, made in a private
+mount namespace (``unshare -m``) that the balancer runs in, and looked at
+from here through ``/proc/PID/root``; where mounting is not permitted those
+cases are skipped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from app import pins
+from app.cli import reference_files
+from app.config import InstanceSpec
+from app.errors import CertificateMismatch
+from app.pins import (
+    SAVE_STEPS,
+    PinStore,
+    delete_reference,
+    read_reference,
+    reference_lock,
+    replace_reference,
+)
+
+from .support import Gunicorn, RawResponse, Spec, get, leaf_der, write_config
+
+INSTANCE = InstanceSpec(host="192.0.2.10", api_port=443, matching_port=9999, enabled=True)
+NAME = "192.0.2.10_9999.pem"
+LOCK = f".{NAME}.lock"
+#: The temporary file a save of NAME writes: ``.<name>.<pid>.<8 hex>.tmp``.
+TEMPORARY = re.compile(rf"\.{re.escape(NAME)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+#: A step the hook stops at before the reference exists, and the ones after.
+BEFORE_LINK = ("after-temp-open", "after-write", "after-fsync")
+AFTER_LINK = ("after-link", "before-unlink")
+
+
+@pytest.fixture(scope="module")
+def ders(ca: trustme.CA) -> list[bytes]:
+    return [leaf_der(ca.issue_cert("instance.test")) for _ in range(3)]
+
+
+def test_the_hook_names_every_step_of_a_save():
+    assert SAVE_STEPS == BEFORE_LINK + AFTER_LINK
+    assert pins.SAVE_PAUSE is None  # the suite runs without it
+
+
+# -- killed while saving ---------------------------------------------------------------------------
+
+
+def stopped_then_killed(pid: int, timeout: float = 20.0) -> None:
+    """Wait until child *pid* has stopped itself at the hook, then SIGKILL it and reap it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"child {pid} did not reach the hook within {timeout}s")
+        time.sleep(0.001)
+    assert os.WIFSTOPPED(status), f"child {pid} ended instead of stopping at the hook (status {status:#x})"
+    assert os.WSTOPSIG(status) == signal.SIGSTOP
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def fork(action) -> int:
+    """Run *action* in a forked child that exits 0 when it returns, 1 on any exception."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            action()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def first_contact_stopped_at(cert_dir: Path, der: bytes, step: str) -> int:
+    def action() -> None:
+        pins.SAVE_PAUSE = step
+        PinStore(cert_dir).check(INSTANCE, der)
+
+    pid = fork(action)
+    stopped_then_killed(pid)
+    return pid
+
+
+def strays(cert_dir: Path) -> list[str]:
+    """What CertDirPath holds besides the reference and its lock: a temporary file by its PID, else its name."""
+    left = sorted(n for n in os.listdir(cert_dir) if n not in (NAME, LOCK))
+    return [m.group(1) if (m := TEMPORARY.fullmatch(n)) else n for n in left]
+
+
+def test_first_contact_killed_at_every_step_100_times(tmp_path, ders):
+    """SIGKILL in the middle of saving a reference, cycling through the steps: never a partial file."""
+    cert_dir = tmp_path / "certs"
+    reference = cert_dir / NAME
+    seen = {step: 0 for step in SAVE_STEPS}
+    for i in range(100):
+        step = SAVE_STEPS[i % len(SAVE_STEPS)]
+        der, other = ders[i % 3], ders[(i + 1) % 3]
+        pid = first_contact_stopped_at(cert_dir, der, step)
+        seen[step] += 1
+
+        # The reference: whole or absent.
+        if step in AFTER_LINK:
+            assert read_reference(reference) == der, (i, step)
+        else:
+            assert not reference.exists(), (i, step)
+        # One stray, the dead process's own temporary file; the one the
+        # previous iteration's victim left was removed by this save.
+        assert strays(cert_dir) == [str(pid)], (i, step)
+        # Nothing but the reference can be taken for one.
+        assert fnmatch.filter(os.listdir(cert_dir), "*.pem") == ([NAME] if step in AFTER_LINK else [])
+        assert reference_files(cert_dir) == ([reference] if step in AFTER_LINK else [])
+
+        # The next contact (a new worker) learns, or checks against what was saved.
+        if step in AFTER_LINK:
+            assert PinStore(cert_dir).check(INSTANCE, der).der == der
+            with pytest.raises(CertificateMismatch):
+                PinStore(cert_dir).check(INSTANCE, other)
+            assert strays(cert_dir) == [str(pid)]  # only a save cleans up
+        else:
+            assert PinStore(cert_dir).check(INSTANCE, other).der == other
+            assert read_reference(reference) == other
+            assert strays(cert_dir) == []
+        # An operator forgets it, so the next iteration saves again.
+        with reference_lock(reference):
+            assert delete_reference(reference)
+    assert seen == {step: 20 for step in SAVE_STEPS}
+    # A last first contact leaves exactly the reference and its lock.
+    assert PinStore(cert_dir).check(INSTANCE, ders[0]).der == ders[0]
+    assert sorted(os.listdir(cert_dir)) == [LOCK, NAME]
+
+
+def test_trust_killed_while_replacing_keeps_the_old_reference(tmp_path, ders):
+    """``pins trust`` (replace_reference) killed before its rename: the old reference stays whole."""
+    cert_dir = tmp_path / "certs"
+    reference = cert_dir / NAME
+    with reference_lock(reference):
+        replace_reference(reference, ders[0])
+    for i in range(30):
+        step = BEFORE_LINK[i % len(BEFORE_LINK)]
+
+        def action() -> None:
+            pins.SAVE_PAUSE = step
+            with reference_lock(reference):
+                replace_reference(reference, ders[1])
+
+        pid = fork(action)
+        stopped_then_killed(pid)
+        assert read_reference(reference) == ders[0], (i, step)
+        assert strays(cert_dir) == [str(pid)], (i, step)
+        assert reference_files(cert_dir) == [reference]
+        # The lock died with the process: the next command takes it at once.
+        with reference_lock(reference, timeout=5):
+            pass
+    with reference_lock(reference):
+        replace_reference(reference, ders[2])
+    assert read_reference(reference) == ders[2]
+    assert sorted(os.listdir(cert_dir)) == [LOCK, NAME]
+
+
+# -- a gunicorn worker killed while saving -------------------------------------------------------
+
+BOOTED = re.compile(r"Booting worker with pid: (\d+)")
+
+
+def worker_pids(balancer: Gunicorn) -> list[int]:
+    """PIDs of the workers the master booted, in order (from its log)."""
+    return [int(pid) for pid in BOOTED.findall(balancer.log())]
+
+
+def worker_ready(balancer: Gunicorn, pid: int) -> bool:
+    """Whether worker *pid* has logged past its boot: its signal handlers are set by then.
+
+    A SIGTERM that reaches a worker before that is lost, and the master then
+    waits graceful_timeout for it.
+    """
+    return any(f"[{pid}] " in line and "Booting worker" not in line for line in balancer.log().splitlines())
+
+
+def process_state(pid: int) -> str:
+    """The state letter of *pid* in /proc (``T`` stopped), or ``gone``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "gone"
+    return stat[stat.rindex(")") + 2]
+
+
+def wait_until(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.02)
+
+
+def answer_or_none(port: int) -> RawResponse | None:
+    """One GET through the balancer; None when the connection closes without an answer."""
+    try:
+        return get(port, "/api/v.1.1/suppliers")
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("step", SAVE_STEPS)
+def test_worker_killed_while_saving_leaves_no_partial_reference(tmp_path, make_instance, start_balancer, step):
+    """A gunicorn worker SIGKILLed in the middle of its first contact: the client gets no answer,
+    the instance nothing, and the next worker learns or checks correctly."""
+    inst = make_instance()
+    inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    config = write_config(tmp_path, [Spec("127.0.0.1", inst.port, 9999)], workers=1)
+    cert_dir = tmp_path / "certs"
+    reference = cert_dir / "127.0.0.1_9999.pem"
+    temporary = re.compile(r"\.127\.0\.0\.1_9999\.pem\.(\d+)\.[0-9a-f]{8}\.tmp")
+    balancer = start_balancer(config, CTBALANCER_PIN_SAVE_PAUSE=step)
+    [worker] = worker_pids(balancer)
+
+    answers: list[RawResponse | None] = []
+    client = threading.Thread(target=lambda: answers.append(answer_or_none(balancer.port)))
+    client.start()
+    wait_until(lambda: process_state(worker) == "T", f"worker {worker} stopped itself at {step}")
+    os.kill(worker, signal.SIGKILL)
+    client.join(30)
+    assert answers == [None]
+    assert inst.requests == []
+    if step in AFTER_LINK:
+        assert read_reference(reference) == inst.der
+    else:
+        assert not reference.exists()
+    left = [n for n in os.listdir(cert_dir) if n not in (reference.name, f".{reference.name}.lock")]
+    assert [temporary.fullmatch(n).group(1) if temporary.fullmatch(n) else n for n in left] == [str(worker)]
+    assert fnmatch.filter(os.listdir(cert_dir), "*.pem") == ([reference.name] if step in AFTER_LINK else [])
+
+    # The master replaces the worker. Where the reference was saved, the new
+    # worker checks against it (and saves nothing, so it does not stop).
+    wait_until(lambda: len(worker_pids(balancer)) == 2, "a new worker booted")
+    wait_until(lambda: worker_ready(balancer, worker_pids(balancer)[1]), "the new worker ready")
+    if step in AFTER_LINK:
+        resp = get(balancer.port, "/api/v.1.1/suppliers")
+        assert (resp.status, resp.json()) == (200, {"port": inst.port})
+    balancer.stop()
+
+    # Without the hook: learned (or checked), and the dead worker's file is
+    # gone once a save happened.
+    again = start_balancer(config)
+    resp = get(again.port, "/api/v.1.1/suppliers")
+    assert (resp.status, resp.json()) == (200, {"port": inst.port})
+    assert read_reference(reference) == inst.der
+    left = sorted(os.listdir(cert_dir))
+    if step in AFTER_LINK:
+        assert len(left) == 3 and temporary.fullmatch(left[0]).group(1) == str(worker)
+        assert "learned reference certificate" not in again.log()
+    else:
+        assert left == [f".{reference.name}.lock", reference.name]
+        assert f"left by process {worker} that died while saving {reference}" in again.log()
