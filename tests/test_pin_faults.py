@@ -15,7 +15,11 @@ with SIGKILL. What is guaranteed after such a kill:
 Read-only and full file systems are real tmpfs mounts, made in a private
 mount namespace (``unshare -m``) that the balancer runs in, and looked at
 from here through ``/proc/PID/root``; where mounting is not permitted those
-cases are skipped.
+cases are skipped. Each is then fixed while the balancer runs, and the next
+request learns the reference.
+
+Damaged references (empty, truncated, two certificates, a private key) are
+refused through gunicorn and left byte for byte as they were.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,12 +49,13 @@ from app.pins import (
     SAVE_STEPS,
     PinStore,
     delete_reference,
+    der_to_pem,
     read_reference,
     reference_lock,
     replace_reference,
 )
 
-from .support import Gunicorn, RawResponse, Spec, get, leaf_der, write_config
+from .support import ROOT, Gunicorn, RawResponse, Spec, config_port, get, leaf_der, write_config
 
 INSTANCE = InstanceSpec(host="192.0.2.10", api_port=443, matching_port=9999, enabled=True)
 NAME = "192.0.2.10_9999.pem"
@@ -282,3 +293,226 @@ def test_worker_killed_while_saving_leaves_no_partial_reference(tmp_path, make_i
     else:
         assert left == [f".{reference.name}.lock", reference.name]
         assert f"left by process {worker} that died while saving {reference}" in again.log()
+
+
+# -- CertDirPath not creatable, read-only, full ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mounts_allowed() -> None:
+    """Skip unless this process may mount a tmpfs in a private mount namespace (root, util-linux)."""
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        pytest.skip("read-only and full CertDirPath need unshare and nsenter (util-linux)")
+    with tempfile.TemporaryDirectory() as d:
+        probe = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", d],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    if probe.returncode:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.strip()}")
+
+
+@dataclass
+class NamespacedGunicorn(Gunicorn):
+    """gunicorn in a private mount namespace where *setup* (shell) has run first.
+
+    Its mounts vanish with it; the test sees its files through ``/proc/PID/root``.
+    """
+
+    setup: str = "true"
+
+    def start(self, timeout: float = 30.0) -> "NamespacedGunicorn":
+        env = {**os.environ, "BALANCER_CONFIG": str(self.config), **self.env}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
+             f'{self.setup}\nexec "$0" -m gunicorn -c gunicorn.conf.py wsgi:app', sys.executable],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(lambda: self.proc.poll() is not None or len(worker_pids(self)) >= 1, "gunicorn started", timeout)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+        wait_until(lambda: worker_ready(self, worker_pids(self)[0]), "the worker ready", timeout)
+        return self
+
+    def seen(self, path: Path) -> Path:
+        """*path* as the balancer sees it, in its mount namespace."""
+        return Path(f"/proc/{self.proc.pid}/root{path}")
+
+    def run_inside(self, *command: str) -> None:
+        subprocess.run(["nsenter", "-t", str(self.proc.pid), "-m", *command], check=True, timeout=30)
+
+
+@pytest.fixture
+def namespaced(tmp_path, mounts_allowed):
+    started: list[NamespacedGunicorn] = []
+
+    def start(config: Path, setup: str) -> NamespacedGunicorn:
+        g = NamespacedGunicorn(config, config_port(config), tmp_path / f"ns-gunicorn-{len(started)}.log", setup=setup)
+        started.append(g)
+        return g.start()
+
+    yield start
+    for g in started:
+        g.stop()
+
+
+def refused_unsaved(port: int, inst, reference: Path) -> str:
+    """One request through the balancer, which must refuse it as unsaved; returns the reason it gives."""
+    resp = get(port, "/api/v.1.1/suppliers")
+    assert resp.status == 500
+    body = resp.json()
+    assert {k: v for k, v in body.items() if k != "description"} == {
+        "error": "reference_certificate_unsaved",
+        "host": "127.0.0.1",
+        "port": inst.port,
+        "reference": str(reference),
+    }
+    prefix = f"The certificate of the instance 127.0.0.1:{inst.port} could not be saved as {reference}: "
+    suffix = ". Nothing was forwarded; make CertDirPath writable by the balancer."
+    assert body["description"].startswith(prefix) and body["description"].endswith(suffix)
+    return body["description"][len(prefix) : -len(suffix)]
+
+
+def test_cert_dir_not_creatable_refuses_until_fixed(tmp_path, make_instance, start_balancer):
+    """CertDirPath's parent is a regular file: 500 saying so, nothing forwarded; fixed, learned at once."""
+    inst = make_instance()
+    inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where CertDirPath's parent should be")
+    reference = blocker / "certs" / "127.0.0.1_9999.pem"
+    balancer = start_balancer(write_config(tmp_path, [Spec("127.0.0.1", inst.port, 9999)], cert_dir="blocker/certs"))
+    for _ in range(3):
+        reason = refused_unsaved(balancer.port, inst, reference)
+        assert reason == (
+            f"Not a directory ({blocker / 'certs'}); a part of that path is a file, not a directory: "
+            "move it or set CertDirPath elsewhere"
+        )
+    assert inst.requests == []
+    assert blocker.read_text() == "a file where CertDirPath's parent should be"
+
+    blocker.unlink()
+    resp = get(balancer.port, "/api/v.1.1/suppliers")
+    assert (resp.status, resp.json()) == (200, {"port": inst.port})
+    assert read_reference(reference) == inst.der
+    assert (reference.parent.stat().st_mode & 0o777) == 0o700
+    assert len(inst.requests) == 1
+
+
+def test_read_only_cert_dir_refuses_until_remounted(tmp_path, make_instance, namespaced):
+    inst = make_instance()
+    inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    reference = cert_dir / "127.0.0.1_9999.pem"
+    config = write_config(tmp_path, [Spec("127.0.0.1", inst.port, 9999)], workers=1)
+    balancer = namespaced(config, f"mount -t tmpfs -o ro,size=16k,mode=0700 tmpfs '{cert_dir}'")
+    for _ in range(3):
+        reason = refused_unsaved(balancer.port, inst, reference)
+        assert reason == (
+            f"Read-only file system ({cert_dir}/.127.0.0.1_9999.pem.lock); that file system is mounted "
+            "read-only: remount it read-write or set CertDirPath elsewhere"
+        )
+    assert inst.requests == []
+    assert os.listdir(balancer.seen(cert_dir)) == []
+
+    balancer.run_inside("mount", "-o", "remount,rw", str(cert_dir))
+    resp = get(balancer.port, "/api/v.1.1/suppliers")
+    assert (resp.status, resp.json()) == (200, {"port": inst.port})
+    assert read_reference(balancer.seen(reference)) == inst.der
+    assert len(inst.requests) == 1
+    assert os.listdir(cert_dir) == []  # it was all on the tmpfs, which goes with the balancer
+
+
+def test_full_cert_dir_refuses_until_space_is_freed(tmp_path, make_instance, namespaced):
+    inst = make_instance()
+    inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir()
+    reference = cert_dir / "127.0.0.1_9999.pem"
+    config = write_config(tmp_path, [Spec("127.0.0.1", inst.port, 9999)], workers=1)
+    balancer = namespaced(
+        config,
+        f"mount -t tmpfs -o size=16k,mode=0700 tmpfs '{cert_dir}'\n"
+        f"head -c 65536 /dev/zero > '{cert_dir}/filler' 2>/dev/null || true",
+    )
+    seen = balancer.seen(cert_dir)
+    assert (seen / "filler").stat().st_size == 16 * 1024
+    for _ in range(3):
+        reason = refused_unsaved(balancer.port, inst, reference)
+        assert reason == (
+            f"No space left on device ({reference}); free space on the file system that holds CertDirPath"
+        )
+        # No partial reference, no temporary file: only the (empty) lock file beside the filler.
+        assert sorted(os.listdir(seen)) == [".127.0.0.1_9999.pem.lock", "filler"]
+    assert inst.requests == []
+
+    (seen / "filler").unlink()
+    resp = get(balancer.port, "/api/v.1.1/suppliers")
+    assert (resp.status, resp.json()) == (200, {"port": inst.port})
+    assert read_reference(seen / reference.name) == inst.der
+    assert sorted(os.listdir(seen)) == [".127.0.0.1_9999.pem.lock", "127.0.0.1_9999.pem"]
+    assert len(inst.requests) == 1
+
+
+# -- damaged references ------------------------------------------------------------------------------
+
+
+def test_damaged_references_are_refused_and_never_replaced(tmp_path, ca, make_instance, start_balancer):
+    """Empty, truncated, two certificates, a private key: 500 unreadable, through gunicorn, file untouched."""
+    instances = [make_instance() for _ in range(4)]
+    for inst in instances:
+        inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    pem = der_to_pem(instances[0].der)
+    damaged = {
+        "empty": b"",
+        "truncated": pem[: len(pem) // 2],
+        "two certificates": pem + der_to_pem(instances[1].der),
+        "private key": ca.issue_cert("127.0.0.1").private_key_pem.bytes(),
+    }
+    reasons = {
+        "empty": "the file is empty",
+        "truncated": "the file is not one PEM certificate (BEGIN/END CERTIFICATE)",
+        "two certificates": "the file holds more than one PEM block; expected one certificate",
+        "private key": "the file is not one PEM certificate (BEGIN/END CERTIFICATE)",
+    }
+    cert_dir = tmp_path / "certs"
+    cert_dir.mkdir(mode=0o700)
+    files: dict[int, tuple[str, Path]] = {}
+    specs = []
+    for i, (inst, (kind, content)) in enumerate(zip(instances, damaged.items())):
+        specs.append(Spec("127.0.0.1", inst.port, 9000 + i))
+        path = cert_dir / f"127.0.0.1_{9000 + i}.pem"
+        path.write_bytes(content)
+        files[inst.port] = (kind, path)
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_ino) for _, path in files.values()}
+    # One worker takes the instances in turn: 12 requests, 3 per instance.
+    balancer = start_balancer(write_config(tmp_path, specs, workers=1))
+    answers = [get(balancer.port, "/api/v.1.1/suppliers") for _ in range(12)]
+
+    refused = Counter()
+    for resp in answers:
+        body = resp.json()
+        kind, path = files[body["port"]]
+        assert resp.status == 500, kind
+        assert body == {
+            "error": "reference_certificate_unreadable",
+            "description": f"The reference certificate {path} of the instance 127.0.0.1:{body['port']} cannot be "
+            f"used: {reasons[kind]}. It was left untouched; fix or remove it.",
+            "host": "127.0.0.1",
+            "port": body["port"],
+            "reference": str(path),
+        }
+        refused[kind] += 1
+    assert refused == {kind: 3 for kind in damaged}
+    assert [inst.requests for inst in instances] == [[]] * 4
+    assert {path: (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_ino) for _, path in files.values()} == before
+    # Not even a lock file: a reference that exists is only read.
+    assert sorted(os.listdir(cert_dir)) == sorted(path.name for _, path in files.values())
+    assert "learned reference certificate" not in balancer.log()
