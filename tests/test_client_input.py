@@ -29,7 +29,7 @@ import pytest
 import trustme
 
 from .peers import RawInstance, Received
-from .support import Gunicorn, config_port, raw_request, read_response, server_context, write_config
+from .support import Gunicorn, Spec, config_port, raw_request, read_response, server_context, write_config
 
 ALLOWED = (
     ("GET", "/a"),
@@ -77,8 +77,6 @@ def instance(ca: trustme.CA) -> Iterator[RawInstance]:
 
 @pytest.fixture(scope="module")
 def balancer(instance: RawInstance, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
-    from .support import Spec
-
     directory: Path = tmp_path_factory.mktemp("client-input")
     config = write_config(
         directory,

@@ -17,7 +17,6 @@ direct request to the real instance), so the zero is not a test artefact.
 from __future__ import annotations
 
 import datetime
-import secrets
 import socket
 import ssl
 from pathlib import Path
