@@ -464,6 +464,11 @@ def test_full_cert_dir_refuses_until_space_is_freed(tmp_path, make_instance, nam
 # -- damaged references ------------------------------------------------------------------------------
 
 
+def file_version(path: Path) -> tuple[bytes, int, int]:
+    st = path.stat()
+    return path.read_bytes(), st.st_mtime_ns, st.st_ino
+
+
 def test_damaged_references_are_refused_and_never_replaced(tmp_path, ca, make_instance, start_balancer):
     """Empty, truncated, two certificates, a private key: 500 unreadable, through gunicorn, file untouched."""
     instances = [make_instance() for _ in range(4)]
@@ -491,7 +496,7 @@ def test_damaged_references_are_refused_and_never_replaced(tmp_path, ca, make_in
         path = cert_dir / f"127.0.0.1_{9000 + i}.pem"
         path.write_bytes(content)
         files[inst.port] = (kind, path)
-    before = {path: (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_ino) for _, path in files.values()}
+    before = {path: file_version(path) for _, path in files.values()}
     # One worker takes the instances in turn: 12 requests, 3 per instance.
     balancer = start_balancer(write_config(tmp_path, specs, workers=1))
     answers = [get(balancer.port, "/api/v.1.1/suppliers") for _ in range(12)]
@@ -512,7 +517,7 @@ def test_damaged_references_are_refused_and_never_replaced(tmp_path, ca, make_in
         refused[kind] += 1
     assert refused == {kind: 3 for kind in damaged}
     assert [inst.requests for inst in instances] == [[]] * 4
-    assert {path: (path.read_bytes(), path.stat().st_mtime_ns, path.stat().st_ino) for _, path in files.values()} == before
+    assert {path: file_version(path) for _, path in files.values()} == before
     # Not even a lock file: a reference that exists is only read.
     assert sorted(os.listdir(cert_dir)) == sorted(path.name for _, path in files.values())
     assert "learned reference certificate" not in balancer.log()
