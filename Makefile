@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench soak clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,12 @@ bench: $(STAMP)
 		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y nginx wrk; \
 	fi
 	$(BIN)/python bench/run.py
+
+# Soak: 10 minutes of mixed load through 4 workers while the two instances take
+# turns restarting every minute and one rotates its certificate (bench/soak.py;
+# SOAK_SECONDS=40 SOAK_RESTART_EVERY=15 for a short run). Report: bench/results/soak.md.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
