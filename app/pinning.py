@@ -26,6 +26,7 @@ import ssl
 from typing import Any, Callable
 
 from requests.adapters import HTTPAdapter
+from requests.models import PreparedRequest, Response
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.util.ssl_ import create_urllib3_context
@@ -103,13 +104,18 @@ def unverified_context() -> ssl.SSLContext:
 class PinningAdapter(HTTPAdapter):
     """HTTPAdapter for one instance: every connection is checked by *pin_check*.
 
-    Extends requests through its documented hook, ``init_poolmanager``; it
-    keeps no per-request state, so greenlets can share it.
+    Extends requests through its documented hooks (``init_poolmanager``,
+    ``get_connection_with_tls_context``, ``cert_verify``, ``request_url``,
+    ``build_response``); it keeps no per-request state, so greenlets can
+    share it. ``verify`` and ``cert`` are not used: the pin is the identity
+    (DESIGN section 3), and the pool's context never checks a chain.
     """
 
     def __init__(self, pin_check: PinCheck, pool_maxsize: int, ssl_context: ssl.SSLContext | None = None) -> None:
         self._pin_check = pin_check
         self._ssl_context = ssl_context or unverified_context()
+        #: The pool of each origin this adapter has sent to (one: it is mounted on one instance).
+        self._pools: dict[str, Any] = {}
         super().__init__(pool_connections=1, pool_maxsize=pool_maxsize, max_retries=0)
 
     def request_url(self, request: Any, proxies: Any) -> str:
@@ -119,7 +125,7 @@ class PinningAdapter(HTTPAdapter):
         ``?`` of an empty query (RFC 3986 section 6.2.3: not the same URI).
         """
         url: str = request.url
-        return url[url.index("/", url.index("//") + 2) :]
+        return url[_authority_end(url) :]
 
     def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
         super().init_poolmanager(connections, maxsize, block, ssl_context=self._ssl_context, **pool_kwargs)
@@ -128,4 +134,46 @@ class PinningAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {
             "https": functools.partial(PinningHTTPSConnectionPool, pin_check=self._pin_check)
         }
+        self._pools = {}
 
+    def get_connection_with_tls_context(
+        self, request: PreparedRequest, verify: Any, proxies: Any = None, cert: Any = None
+    ) -> Any:
+        """The pool of the request's origin, looked up once by requests and then kept.
+
+        requests would parse the URL and build a pool key on every request
+        (issue #6). A pool closed since (``close()``, or the pool manager
+        cleared) is looked up again.
+        """
+        url: str = request.url  # type: ignore[assignment]
+        origin = url[: _authority_end(url)]
+        pool = self._pools.get(origin)
+        if pool is None or pool.pool is None:
+            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
+            self._pools[origin] = pool
+        return pool
+
+    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
+        """Nothing: the pin checks the peer, and the pool is never changed per request."""
+
+    def build_response(self, req: PreparedRequest, resp: Any) -> Response:
+        """A Response around urllib3's answer, with its body unread.
+
+        Unlike requests' own, it stores no cookies (the balancer keeps nothing
+        between clients, DESIGN section 5) and guesses no text encoding: the
+        answer is relayed as raw bytes.
+        """
+        response = Response()
+        response.status_code = resp.status
+        response.headers = resp.headers
+        response.raw = resp
+        response.reason = resp.reason
+        response.url = req.url  # type: ignore[assignment]
+        response.request = req
+        response.connection = self  # type: ignore[attr-defined]
+        return response
+
+
+def _authority_end(url: str) -> int:
+    """Where the path of an absolute URL starts."""
+    return url.index("/", url.index("//") + 2)
