@@ -35,24 +35,34 @@ _RESPONSE_RECOMPUTED = frozenset({"date", "server"})
 
 Headers = list[tuple[str, str]]
 
+# What each direction drops when no Connection header lists more names:
+# computed once, not per message (issue #6).
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_RECOMPUTED
+_RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_RECOMPUTED
+
+
+def _listed(values: Iterable[str]) -> set[str]:
+    """Lower-cased names listed in ``Connection`` header values."""
+    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+
 
 def hop_by_hop(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     """Lower-cased names that concern this hop only, for this message."""
-    listed = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-        if token.strip()
-    }
-    return HOP_BY_HOP | listed
+    return HOP_BY_HOP | _listed(value for name, value in headers if name.lower() == "connection")
+
+
+def _keyed(headers: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str, str]], frozenset[str] | set[str]]:
+    """(lower-cased name, name, value) of each header, and the names its Connection headers list."""
+    keyed = [(name.lower(), name, value) for name, value in headers]
+    connection = [value for key, _, value in keyed if key == "connection"]
+    return keyed, (_listed(connection) if connection else frozenset())
 
 
 def end_to_end(headers: Iterable[tuple[str, str]], also_drop: frozenset[str] = frozenset()) -> Headers:
     """The headers that travel past this hop, in order, duplicates kept."""
-    headers = list(headers)
-    drop = hop_by_hop(headers) | also_drop
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    keyed, listed = _keyed(headers)
+    drop = HOP_BY_HOP | also_drop | listed
+    return [(name, value) for key, name, value in keyed if key not in drop]
 
 
 def request_headers(
@@ -69,12 +79,21 @@ def request_headers(
     client's address; ``-Proto`` and ``-Host`` describe the request the
     balancer received.
     """
-    out = end_to_end(client_headers, _REQUEST_RECOMPUTED)
-    forwarded_for = [v for n, v in out if n.lower() == "x-forwarded-for"]
-    out = [(n, v) for n, v in out if n.lower() != "x-forwarded-for"]
+    keyed, listed = _keyed(client_headers)
+    drop = _REQUEST_DROP | listed if listed else _REQUEST_DROP
+    out = []
+    forwarded_for = []
+    for key, name, value in keyed:
+        if key in drop:
+            continue
+        if key == "x-forwarded-for":
+            forwarded_for.append(value)
+        else:
+            out.append((name, value))
     if content_length is not None:
         out.append(("Content-Length", str(content_length)))
-    out.append(("X-Forwarded-For", ", ".join([*forwarded_for, client_addr])))
+    forwarded_for.append(client_addr)
+    out.append(("X-Forwarded-For", ", ".join(forwarded_for)))
     out.append(("X-Forwarded-Proto", client_proto))
     if client_host:
         out.append(("X-Forwarded-Host", client_host))
@@ -83,7 +102,9 @@ def request_headers(
 
 def response_headers(instance_headers: Iterable[tuple[str, str]]) -> Headers:
     """Headers of an instance's answer, as relayed to the client."""
-    return end_to_end(instance_headers, _RESPONSE_RECOMPUTED)
+    keyed, listed = _keyed(instance_headers)
+    drop = _RESPONSE_DROP | listed if listed else _RESPONSE_DROP
+    return [(name, value) for key, name, value in keyed if key not in drop]
 
 
 def host_header(host: str, port: int) -> str:

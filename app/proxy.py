@@ -11,7 +11,7 @@ import logging
 import tempfile
 from typing import IO, Iterator
 
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
 from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import Map, RequestRedirect
@@ -106,30 +106,36 @@ def _match_shadowed() -> HTTPException | None:
 
 def forward(**_placeholders: str) -> Response:
     """Send the request to the next instance that takes it and relay its answer."""
-    balancer: Balancer = current_app.extensions[EXTENSION]
-    repeatable = _repeatable()
+    # The request object itself: one context lookup rather than one per attribute (issue #6).
+    req = request._get_current_object()  # type: ignore[attr-defined]
+    extensions = current_app.extensions
+    balancer: Balancer = extensions[EXTENSION]
+    repeatable = _repeatable(req, extensions[REPEATABLE])
     body, length, held = _request_body(
-        balancer.config.failover.buffer_bytes if repeatable else 0, balancer.config.timeouts.read
+        req, balancer.config.failover.buffer_bytes if repeatable else 0, balancer.config.timeouts.read
     )
+    client_headers = req.headers
     headers = request_headers(
-        request.headers.items(),
-        client_addr=request.remote_addr or "",
-        client_proto=request.scheme,
-        client_host=request.headers.get("Host"),
+        client_headers.items(),
+        client_addr=req.remote_addr or "",
+        client_proto=req.scheme,
+        client_host=client_headers.get("Host"),
         content_length=length,
     )
-    outgoing = Outgoing(method=request.method, target=g.target, headers=headers, body=body)
+    outgoing = Outgoing(method=req.method, target=g.target, headers=headers, body=body)
     return _relay(exchange(balancer, outgoing, repeatable and held))
 
 
-def _repeatable() -> bool:
+def _repeatable(req: Request, pairs: frozenset[tuple[str, str]]) -> bool:
     """Whether the matched AllowedRequests entry may be sent to a second instance (HEAD follows GET)."""
-    pairs: frozenset[tuple[str, str]] = current_app.extensions[REPEATABLE]
-    rule = request.url_rule.rule if request.url_rule is not None else ""
-    return (rule, request.method) in pairs or (request.method == "HEAD" and (rule, "GET") in pairs)
+    rule = req.url_rule.rule if req.url_rule is not None else ""
+    method = req.method
+    return (rule, method) in pairs or (method == "HEAD" and (rule, "GET") in pairs)
 
 
-def _request_body(buffer_bytes: int, silence: float) -> tuple[bytes | IO[bytes] | None, int | None, bool]:
+def _request_body(
+    req: Request, buffer_bytes: int, silence: float
+) -> tuple[bytes | IO[bytes] | None, int | None, bool]:
     """The body to send on, its length, and whether it is held (so it can be sent again).
 
     A body announced by Content-Length is held in memory up to
@@ -137,13 +143,12 @@ def _request_body(buffer_bytes: int, silence: float) -> tuple[bytes | IO[bytes] 
     spool, which can be read again. A client silent for *silence* seconds
     while sending it gets 400.
     """
-    environ = request.environ
-    client_input = _ClientInput(environ, silence)
-    length = request.content_length
+    environ = req.environ
+    length = req.content_length
     if length is not None:
         if not length:
             return b"", 0, True
-        body = _ExactBody(client_input, length)
+        body = _ExactBody(_ClientInput(environ, silence), length)
         if length <= buffer_bytes:
             return body.read_all(), length, True
         return body, length, False
@@ -151,7 +156,7 @@ def _request_body(buffer_bytes: int, silence: float) -> tuple[bytes | IO[bytes] 
         # The server in front has de-chunked it; count it so the instance
         # gets a Content-Length, without holding a large upload in memory.
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-        stream = client_input
+        stream = _ClientInput(environ, silence)
         size = 0
         while chunk := stream.read(RELAY_CHUNK):
             spool.write(chunk)
