@@ -133,7 +133,9 @@ def serve(host: str, port: int, cert: str, key: str, name: str, log_path: str | 
     server = InstanceServer((host, port), name, log_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
+    # The handshake happens in the connection's own thread, on its first read:
+    # a client that connects and stays silent cannot hold up the accept loop.
+    server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     print(f"instance {name} listening on https://{host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

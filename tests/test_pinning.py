@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 
 from app.pins import der_to_pem, read_reference, sha256
 
@@ -72,6 +73,11 @@ def test_mismatch_refuses_before_any_byte_is_sent(tmp_path, ca, start_balancer):
     resp = get(
         balancer.port, "/api/v1/lookup", method="POST", body=b"secret body", headers={"Authorization": "Bearer t0ken"}
     )
+    # The server thread counts the handshake after the client already has its
+    # answer: wait for it (bounded) before closing the listener.
+    deadline = time.monotonic() + 10
+    while impostor.handshakes < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     impostor.close()
     assert resp.status == 500
     assert resp.header("Content-Type") == "application/json"
