@@ -4,45 +4,11 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
-import time
 
 from app.pins import der_to_pem, read_reference, sha256
 
-from .support import Spec, get, server_context, write_config
-
-
-class RecordingTLSServer:
-    """A TLS server that completes handshakes and records every byte sent to it afterwards."""
-
-    def __init__(self, cert) -> None:
-        self.context = server_context(cert)
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.received = bytearray()
-        self.handshakes = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        try:
-            with self.context.wrap_socket(conn, server_side=True) as tls:
-                self.handshakes += 1
-                tls.settimeout(5)
-                while data := tls.recv(65536):
-                    self.received += data
-        except (OSError, ssl.SSLError):
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
+from .peers import RecordingPeer
+from .support import Spec, get, leaf_der, server_context, write_config
 
 
 def test_first_contact_saves_reference_and_request_continues(tmp_path, make_instance, start_balancer):
@@ -63,21 +29,17 @@ def test_first_contact_saves_reference_and_request_continues(tmp_path, make_inst
 def test_mismatch_refuses_before_any_byte_is_sent(tmp_path, ca, start_balancer):
     genuine = ca.issue_cert("127.0.0.1")
     impostor_cert = ca.issue_cert("127.0.0.1")  # same CA, same name: only the pin tells them apart
-    impostor = RecordingTLSServer(impostor_cert)
+    impostor = RecordingPeer(server_context(impostor_cert))
     (tmp_path / "certs").mkdir()
-    from .support import leaf_der
-
     (tmp_path / "certs" / "127.0.0.1_9999.pem").write_bytes(der_to_pem(leaf_der(genuine)))
     config = write_config(tmp_path, [Spec("127.0.0.1", impostor.port, 9999)], [("POST", "/api/{v}/lookup")])
     balancer = start_balancer(config)
     resp = get(
         balancer.port, "/api/v1/lookup", method="POST", body=b"secret body", headers={"Authorization": "Bearer t0ken"}
     )
-    # The server thread counts the handshake after the client already has its
-    # answer: wait for it (bounded) before closing the listener.
-    deadline = time.monotonic() + 10
-    while impostor.handshakes < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The peer counts the handshake in its own thread, after the client may
+    # already hold its answer: wait (bounded) until it has served the connection.
+    assert impostor.wait_idle()
     impostor.close()
     assert resp.status == 500
     assert resp.header("Content-Type") == "application/json"
