@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable
 
 import requests
+import urllib3
 import urllib3.exceptions
 from requests.models import PreparedRequest
 from urllib3.util import SKIP_HEADER
@@ -180,7 +181,7 @@ class Upstream:
         :class:`~app.errors.BalancerError` as it is.
         """
         try:
-            return self.adapter.send(prepared, stream=True, timeout=timeout, verify=False)
+            return self.adapter.send(prepared, stream=True, timeout=_timeout(*timeout), verify=False)
         except _NotConnected as exc:
             raise NotSent(self.spec, describe_connect(exc.__cause__)) from exc
         except BalancerError:
@@ -190,6 +191,17 @@ class Upstream:
 
     def close(self) -> None:
         self.session.close()
+
+
+@functools.lru_cache(maxsize=256)
+def _timeout(connect: float, read: float) -> urllib3.Timeout:
+    """urllib3's Timeout for (connect, read), built once per pair rather than per request.
+
+    Shared safely: urllib3 clones it before starting its clock. Nearly every
+    request gets the same pair (the configured timeouts, unless the request's
+    deadline is closer), so a small cache holds them.
+    """
+    return urllib3.Timeout(connect=connect, read=read)
 
 
 def translate(spec: InstanceSpec, exc: requests.RequestException) -> NotSent | AfterSend:
