@@ -34,7 +34,6 @@ from pathlib import Path
 
 import click
 import urllib3.exceptions
-from cryptography import x509
 from flask import current_app
 from flask.cli import AppGroup
 
@@ -190,6 +189,9 @@ def reference_files(cert_dir: Path) -> list[Path]:
 
 def describe(der: bytes) -> tuple[str, str]:
     """(subject, not-after) of a certificate, for people."""
+    # Imported here: a worker, which registers these commands, never needs it (8 MB, issue #6).
+    from cryptography import x509
+
     cert = x509.load_der_x509_certificate(der)
     not_after = cert.not_valid_after_utc
     when = not_after.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -34,6 +34,7 @@ import os
 import re
 import secrets
 import signal
+import ssl
 import stat
 import threading
 import time
@@ -42,7 +43,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Tuple
 
 import filelock
-from cryptography import x509
 
 from .config import InstanceSpec
 from .errors import CertificateMismatch, ReferenceUnreadable, ReferenceUnsaved
@@ -127,10 +127,41 @@ def pem_to_der(data: bytes) -> bytes:
     except binascii.Error as exc:
         raise NotACertificate(f"the base64 content is damaged ({exc})") from exc
     try:
-        x509.load_der_x509_certificate(der)
+        _parse(der)
     except ValueError as exc:
         raise NotACertificate(f"the certificate cannot be parsed ({exc})") from exc
     return der
+
+
+def _parse(der: bytes) -> None:
+    """Raise ValueError unless *der* is exactly one X.509 certificate.
+
+    OpenSSL, which parses the certificate an instance presents, parses the
+    reference too, through the ssl module. A worker thus never loads the
+    cryptography package, 8 MB of every worker's memory (issue #6); the
+    ``pins`` commands still use it to describe a certificate. OpenSSL would
+    accept several certificates one after the other: the outer DER length
+    must cover the whole of *der*.
+    """
+    if _der_size(der) != len(der):
+        raise ValueError("not one DER certificate: its length does not match its content")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)
+    except ssl.SSLError as exc:
+        raise ValueError(exc.reason or str(exc)) from exc
+
+
+def _der_size(der: bytes) -> int:
+    """The size the first DER SEQUENCE in *der* claims (tag, length and content), -1 if there is none."""
+    if len(der) < 2 or der[0] != 0x30:
+        return -1
+    first = der[1]
+    if first < 0x80:
+        return 2 + first
+    octets = first & 0x7F
+    if not 0 < octets <= 4 or len(der) < 2 + octets:
+        return -1
+    return 2 + octets + int.from_bytes(der[2 : 2 + octets], "big")
 
 
 def read_reference(path: Path) -> bytes:
