@@ -13,6 +13,7 @@ from typing import IO, Iterator
 
 from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
 from urllib3.exceptions import HTTPError as Urllib3Error
+from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import Map, RequestRedirect
 
@@ -56,6 +57,24 @@ class RelayedResponse(Response):
 
     default_mimetype = None
     automatically_set_content_length = False
+
+    def get_wsgi_headers(self, environ: dict) -> Headers:
+        """The headers as they are, unless werkzeug has something to change.
+
+        werkzeug copies the headers of every response to rewrite Location and
+        Content-Location and to drop what 1xx, 204 and 304 answers must not
+        carry; an answer with none of those needs no copy (issue #6).
+        """
+        status = self.status_code
+        if 100 <= status < 200 or status in (204, 304):
+            return super().get_wsgi_headers(environ)
+        for name, _value in self.headers:
+            if name.lower() in _REWRITTEN_BY_WERKZEUG:
+                return super().get_wsgi_headers(environ)
+        return self.headers
+
+
+_REWRITTEN_BY_WERKZEUG = frozenset({"location", "content-location"})
 
 
 def make_blueprint(config: Config) -> Blueprint:
@@ -240,26 +259,47 @@ def _relay(answer: Answer) -> Response:
     raw = answer.response.raw
     status = answer.response.status_code
     reason = raw.reason or ""
-    response = RelayedResponse(
-        _stream(raw, answer.upstream.spec.name),
+    # direct_passthrough: the server iterates the _Relay itself, and its
+    # close() (WSGI) reaches answer.close(); for HEAD, 1xx, 204 and 304
+    # werkzeug sends no body and closes the response, which closes the _Relay.
+    return RelayedResponse(
+        _Relay(answer),
         status=f"{status} {reason}" if reason.isprintable() and reason.isascii() and reason else status,
         headers=response_headers(raw.headers.items()),
+        direct_passthrough=True,
     )
-    # Not direct_passthrough: werkzeug then wraps the body in a
-    # ClosingIterator, and the server's close() reaches answer.close().
-    response.call_on_close(answer.close)
-    return response
 
 
-def _stream(raw: object, name: str) -> Iterator[bytes]:
-    """Bytes as the instance sent them (no gzip decoding); errors are logged, not hidden."""
-    try:
-        yield from raw.stream(ANSWER_CHUNK, decode_content=False)  # type: ignore[attr-defined]
-    except (Urllib3Error, OSError) as exc:
-        # Raising makes the server cut the client connection, so the client
-        # sees a broken answer instead of a complete-looking short one.
-        log.warning("instance %s failed while sending its answer: %s", name, type(exc).__name__)
-        raise
+class _Relay:
+    """The body of an instance's answer as the WSGI iterable: bytes as sent, no gzip decoding.
+
+    Errors are logged, not hidden: raising makes the server cut the client
+    connection, so the client sees a broken answer instead of a
+    complete-looking short one. ``close()`` frees the answer's connection and
+    slot, whether the body was read to its end or not.
+    """
+
+    def __init__(self, answer: Answer) -> None:
+        self._answer = answer
+        self._chunks = answer.response.raw.stream(ANSWER_CHUNK, decode_content=False)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except (Urllib3Error, OSError) as exc:
+            log.warning(
+                "instance %s failed while sending its answer: %s", self._answer.upstream.spec.name, type(exc).__name__
+            )
+            raise
+
+    def close(self) -> None:
+        try:
+            self._chunks.close()
+        finally:
+            self._answer.close()
 
 
 def render_error(exc: BalancerError) -> Response:
