@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import select
 import ssl
 from typing import Any, Callable
 
@@ -35,17 +34,6 @@ from urllib3.util.ssl_ import create_urllib3_context
 from .strict_head import StrictHTTPResponse
 
 log = logging.getLogger(__name__)
-
-try:
-    # The standard library's poll() even when gevent has patched ``select``
-    # (a zero timeout never blocks, so the hub is not held up): gevent's
-    # costs a watcher per call, and urllib3 asks before every request
-    # whether a pooled connection was closed by the instance (issue #6).
-    from gevent.monkey import get_original
-
-    _poll = get_original("select", "poll")
-except ImportError:  # pragma: no cover - gevent is in requirements.txt
-    _poll = select.poll
 
 #: Checks a peer's DER certificate; raises to refuse it. What it returns is
 #: kept by the connection (see :meth:`PinningHTTPSConnection.pin_is_current`).
@@ -79,19 +67,6 @@ class PinningHTTPSConnection(HTTPSConnection):
         # The pin, not a CA, verified this peer; saying so also keeps urllib3
         # from warning about an unverified request on every request.
         self.is_verified = True
-
-    @property
-    def is_connected(self) -> bool:
-        """Whether the connection is open and the instance has not closed it: nothing to read, no EOF.
-
-        urllib3's own check, with the standard library's poll (see ``_poll``).
-        """
-        sock = self.sock
-        if sock is None:
-            return False
-        poller = _poll()
-        poller.register(sock.fileno(), select.POLLIN)
-        return not poller.poll(0)
 
     def pin_is_current(self) -> bool:
         """Whether the reference this connection was checked against still holds."""
