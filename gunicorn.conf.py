@@ -73,12 +73,39 @@ if _config.tls:
     certfile = str(_config.tls_cert)
     keyfile = str(_config.tls_key)
 
+
+def ssl_context(conf, default_ssl_context_factory):
+    """The TLS element's versions and suites (default: TLS 1.2+, no CBC), handshake deferred to the worker.
+
+    Called in the worker after gevent patched ssl; app.tls is imported here,
+    never at the top of this file (docs/design.md, "Traps").
+    """
+    from app.config import active
+    from app.tls import server_context
+
+    return server_context(conf.certfile, conf.keyfile, active().tls_policy)
+
+
+# -- Front proxies -----------------------------------------------------------------
+# gunicorn trusts SCRIPT_NAME, PATH_INFO and the scheme headers from
+# forwarded_allow_ips, by default 127.0.0.1 and ::1: behind a local TLS
+# terminator every client could shorten the path the rules match while the
+# full one is forwarded. No peer may set SCRIPT_NAME or PATH_INFO; only
+# FrontProxy peers may say the scheme was https (docs/design.md, "Hostile clients").
+forwarded_allow_ips = ",".join(str(network) for network in _config.front_proxy)
+forwarder_headers = ""
+secure_scheme_headers = {"X-FORWARDED-PROTO": "https"}
+
 # -- Worker processes ------------------------------------------------------------
 # gevent: a worker holds many client requests while they wait on instances.
 # The worker monkey-patches before it imports wsgi.py, so app/ never patches.
-worker_class = "gevent"
+# app.worker.BalancerWorker is gevent's worker with the client deadlines of
+# Timeouts client, JSON refusals and one log line per refused connection.
+worker_class = "app.worker.BalancerWorker"
 workers = int(os.environ.get("BALANCER_WORKERS", _config.workers))
-worker_connections = 1000
+# Limits connections: client connections one worker holds; more wait in the
+# listen queue until one closes.
+worker_connections = _config.limits.connections
 # Seconds a silent worker may live; gevent workers notify between requests.
 timeout = 30
 # On SIGHUP and SIGTERM old workers finish the requests they hold: give them

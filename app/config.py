@@ -137,6 +137,10 @@ class Timeouts:
     total: float = 75.0
     #: Longest wait for a free scanners_count slot; 0: do not wait.
     queue: float = 5.0
+    #: Longest a client may take to finish its TLS handshake and request head,
+    #: and longest it may stay silent while sending its body or reading the
+    #: answer (docs/design.md, "Hostile clients").
+    client: float = 10.0
 
 
 #: Statuses that mean "try another instance" (RFC 8470, RFC 6585, RFC 9110).
@@ -168,6 +172,58 @@ class HealthCheck:
     interval: float = 0.0
 
 
+#: Mozilla's "intermediate" TLS 1.2 suites: forward secrecy and AEAD only, no CBC.
+DEFAULT_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+TLS_VERSIONS = ("1.2", "1.3")
+
+GIB = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The ``Limits`` element: what one client may make a worker hold."""
+
+    #: Largest request body accepted; a larger one is refused with 413.
+    body_bytes: int = 128 * 1024 * 1024
+    #: Client connections one worker holds at once; further ones wait in the
+    #: listen queue until one closes (gunicorn's worker_connections).
+    connections: int = 1000
+    #: Disk one worker may use at once for held request bodies and answers.
+    spool_bytes: int = 4 * GIB
+    #: Part of one answer held on disk while its client reads slowly (nginx's
+    #: proxy_max_temp_file_size); beyond it the answer streams at the client's pace.
+    answer_bytes: int = GIB
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """The ``TLS`` element: the API port's protocol versions and TLS 1.2 suites."""
+
+    ciphers: str = DEFAULT_CIPHERS
+    min_version: str = "1.2"
+
+
+#: Addresses that may read the balancer's own pages by default: loopback.
+DEFAULT_ADMIN_ALLOW = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+
+
+
+def allows(networks: tuple, address: str) -> bool:
+    """Whether the peer *address* lies in one of *networks* (an IPv4-mapped IPv6 peer counts as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if mapped is not None:
+        ip = mapped
+    return any(ip in net for net in networks)
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
@@ -184,6 +240,12 @@ class Config:
     failover: Failover = Failover()
     health_check: HealthCheck = HealthCheck()
     event_delimiter: str | None = None
+    limits: Limits = Limits()
+    tls_policy: TLSPolicy = TLSPolicy()
+    #: Peers trusted to send X-Forwarded-* (FrontProxy allow); none by default.
+    front_proxy: tuple = ()
+    #: Peers that may read /_balancer/status and metrics (Admin allow).
+    admin_allow: tuple = DEFAULT_ADMIN_ALLOW
 
     @property
     def enabled_instances(self) -> tuple[InstanceSpec, ...]:
@@ -264,6 +326,10 @@ _ROOT_ELEMENTS = (
     "Workers",
     "Failover",
     "HealthCheck",
+    "Limits",
+    "FrontProxy",
+    "TLS",
+    "Admin",
 )
 
 
@@ -346,6 +412,10 @@ class _Reader:
         if workers_el is not None:
             self.no_attributes(workers_el)
             workers = self.integer(workers_el, None, self.text(workers_el, "a number of workers"), 1, 64)
+        limits = self.limits(one("Limits"))
+        tls_policy = self.tls_policy(one("TLS"))
+        front_proxy = self.networks(one("FrontProxy"), ())
+        admin_allow = self.networks(one("Admin"), DEFAULT_ADMIN_ALLOW)
         delimiter_el = one("EventDelimiter")
         delimiter = None
         if delimiter_el is not None:
@@ -365,6 +435,10 @@ class _Reader:
             failover=failover,
             health_check=health_check,
             event_delimiter=delimiter,
+            limits=limits,
+            tls_policy=tls_policy,
+            front_proxy=front_proxy,
+            admin_allow=admin_allow,
         )
 
     # -- elements ------------------------------------------------------------
@@ -475,7 +549,7 @@ class _Reader:
     def timeouts(self, el: etree._Element | None) -> Timeouts:
         if el is None:
             return Timeouts()
-        attrs = self.attributes(el, optional=("connect", "read", "total", "queue"))
+        attrs = self.attributes(el, optional=("connect", "read", "total", "queue", "client"))
         self.no_text(el)
         defaults = Timeouts()
         return Timeouts(
@@ -483,7 +557,69 @@ class _Reader:
             read=self.seconds(el, "read", attrs.get("read"), defaults.read),
             total=self.seconds(el, "total", attrs.get("total"), defaults.total),
             queue=self.seconds(el, "queue", attrs.get("queue"), defaults.queue, zero=True),
+            client=self.seconds(el, "client", attrs.get("client"), defaults.client),
         )
+
+    def limits(self, el: etree._Element | None) -> Limits:
+        if el is None:
+            return Limits()
+        attrs = self.attributes(el, optional=("body_bytes", "connections", "spool_bytes", "answer_bytes"))
+        self.no_text(el)
+        defaults = Limits()
+
+        def number(attr: str, low: int, high: int) -> int:
+            value = attrs.get(attr)
+            return getattr(defaults, attr) if value is None else self.integer(el, attr, value, low, high, digits=12)
+
+        limits = Limits(
+            body_bytes=number("body_bytes", 0, 16 * GIB),
+            connections=number("connections", 10, 100_000),
+            spool_bytes=number("spool_bytes", 0, 1024 * GIB),
+            answer_bytes=number("answer_bytes", 0, 1024 * GIB),
+        )
+        return limits
+
+    def tls_policy(self, el: etree._Element | None) -> TLSPolicy:
+        if el is None:
+            return TLSPolicy()
+        attrs = self.attributes(el, optional=("ciphers", "min_version"))
+        self.no_text(el)
+        defaults = TLSPolicy()
+        min_version = attrs.get("min_version", defaults.min_version)
+        if min_version not in TLS_VERSIONS:
+            raise self.fail(
+                el.sourceline,
+                f"<TLS> attribute min_version={min_version!r} is not valid; expected one of: {', '.join(TLS_VERSIONS)}",
+            )
+        ciphers = attrs.get("ciphers", defaults.ciphers).strip()
+        problem = _cipher_problem(ciphers)
+        if problem:
+            raise self.fail(
+                el.sourceline,
+                f"<TLS> attribute ciphers={ciphers!r} {problem}; expected an OpenSSL cipher list such as the default "
+                "(ECDHE-ECDSA-AES128-GCM-SHA256:...)",
+            )
+        return TLSPolicy(ciphers=ciphers, min_version=min_version)
+
+    def networks(self, el: etree._Element | None, default: tuple) -> tuple:
+        """The ``allow`` attribute: addresses and networks separated by spaces (or commas)."""
+        if el is None:
+            return default
+        attrs = self.attributes(el, required=("allow",))
+        self.no_text(el)
+        result = []
+        for token in re.split(r"[\s,]+", attrs["allow"].strip()):
+            if not token:
+                continue
+            try:
+                result.append(ipaddress.ip_network(token, strict=True))
+            except ValueError:
+                raise self.fail(
+                    el.sourceline,
+                    f"<{el.tag}> attribute allow has {token!r}; expected IPv4 or IPv6 addresses or networks "
+                    "(10.0.0.0/8) separated by spaces",
+                ) from None
+        return tuple(result)
 
     def failover(self, el: etree._Element | None) -> Failover:
         if el is None:
@@ -576,9 +712,11 @@ class _Reader:
         p = Path(value)
         return p if p.is_absolute() else self.base / p
 
-    def integer(self, el: etree._Element, attr: str | None, value: str, low: int, high: int) -> int:
+    def integer(
+        self, el: etree._Element, attr: str | None, value: str, low: int, high: int, digits: int = 9
+    ) -> int:
         what = f"<{el.tag}> attribute {attr}={value!r}" if attr else f"<{el.tag}> value {value!r}"
-        if not re.fullmatch(r"[0-9]{1,9}", value.strip()):
+        if not re.fullmatch(rf"[0-9]{{1,{digits}}}", value.strip()):
             raise self.fail(el.sourceline, f"{what} is not a whole number; expected {low} to {high}")
         number = int(value)
         if not low <= number <= high:
@@ -666,6 +804,28 @@ def _doctype_line(data: bytes) -> int | None:
         pos = end + length
 
 
+def _cipher_problem(ciphers: str) -> str | None:
+    """Why OpenSSL refuses *ciphers* as a TLS 1.2 cipher list, or None.
+
+    ``_ssl`` is the C module under ``ssl``: importing it does not load the
+    ``ssl`` package, which the master must not import before gevent patches
+    it (docs/design.md, "Traps").
+    """
+    if not ciphers or not ciphers.isascii() or not ciphers.isprintable():
+        return "is empty or not printable ASCII"
+    import _ssl
+
+    context = _ssl._SSLContext(_ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.set_ciphers(ciphers)
+    except _ssl.SSLError:
+        return "selects no cipher OpenSSL knows"
+    names = [suite["name"] for suite in context.get_ciphers() if suite.get("protocol") != "TLSv1.3"]
+    if not names:
+        return "selects no TLS 1.2 cipher"
+    return None
+
+
 def _readable_file(path: Path) -> bool:
     """Whether *path* names a regular file this process may read.
 
@@ -736,6 +896,9 @@ __all__ = [
     "Failover",
     "HealthCheck",
     "InstanceSpec",
+    "Limits",
+    "TLSPolicy",
+    "allows",
     "ON_MISMATCH",
     "REPEATABLE_METHODS",
     "RESERVED_PREFIX",

@@ -8,6 +8,10 @@
     |   +-- RequestNotAllowed          404 not in AllowedRequests
     |   +-- MethodNotAllowed           405 path allowed, method not
     |   +-- RequestBodyInvalid         400 the body could not be read as framed
+    |   +-- InvalidHost                400 a Host header that names no host
+    |   +-- Forbidden                  403 the balancer's own page, from an address not allowed
+    |   +-- RequestTooLarge            413 a body over Limits body_bytes, or no room to hold it
+    |   +-- CodingNotImplemented       501 a transfer coding other than chunked
     +-- NoInstanceAvailable            503 no enabled instance could be reached
     +-- InstanceError                  anything tied to one instance (host, port)
         +-- InstanceFailed             502 failed after the request was sent
@@ -34,6 +38,10 @@ class BalancerError(Exception):
 
     status = 500
     code = "internal_error"
+    #: Whether the client connection must close after this answer: the
+    #: request's body was not read to its end, so the next bytes on the
+    #: connection are not a request head.
+    closes_connection = False
 
     def __init__(self, description: str, **fields: Any) -> None:
         super().__init__(description)
@@ -88,6 +96,44 @@ class RequestBodyInvalid(RequestRefused):
 
     status = 400
     code = "invalid_request_body"
+    closes_connection = True
+
+
+class InvalidHost(RequestRefused):
+    """The Host header is not a host name or address with an optional port (RFC 9112 section 3.2)."""
+
+    status = 400
+    code = "invalid_host"
+
+
+class Forbidden(RequestRefused):
+    """The balancer's own page (status, metrics) asked from an address ``Admin allow`` does not list."""
+
+    status = 403
+    code = "forbidden"
+
+
+class RequestTooLarge(RequestRefused):
+    """The body is larger than ``Limits body_bytes``, or the worker has no room left to hold it now."""
+
+    status = 413
+    code = "request_too_large"
+    closes_connection = True
+
+    def __init__(self, description: str, retry_after: int | None = None, **fields: Any) -> None:
+        super().__init__(description, **fields)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [] if self.retry_after is None else [("Retry-After", str(self.retry_after))]
+
+
+class CodingNotImplemented(RequestRefused):
+    """The body is sent with a transfer coding other than chunked (RFC 9112 section 6.1: 501)."""
+
+    status = 501
+    code = "transfer_coding_not_implemented"
+    closes_connection = True
 
 
 class NoInstanceAvailable(BalancerError):

@@ -94,6 +94,7 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
             try:
                 outgoing.rewind()
                 response = upstream.send(outgoing.prepare(upstream), (connect, read))
+                body = upstream.read_small(response, policy.buffer_bytes)
             except NotSent as exc:
                 deadline.spent_connecting(deadline.clock() - started)
                 upstream.slots.release()
@@ -130,7 +131,9 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
                 upstream.slots.release()
                 raise
             ticket.succeeded()
-            answer = Answer(response, upstream)
+            answer = Answer(response, upstream, body)
+            if body is not None:
+                answer.close()  # read whole: the slot and the connection go back now
             if repeatable and response.status_code in policy.retry_statuses:
                 log.info("instance %s answered %s; trying another instance", upstream.spec.name, response.status_code)
                 _discard(held)

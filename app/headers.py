@@ -7,6 +7,7 @@ lists. Everything else goes on as sent, duplicates included.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 HOP_BY_HOP = frozenset(
@@ -29,6 +30,23 @@ HOP_BY_HOP = frozenset(
 # application, and the instance cannot answer it through urllib3.
 _REQUEST_RECOMPUTED = frozenset({"host", "content-length", "expect", "x-forwarded-proto", "x-forwarded-host"})
 
+# Headers with which a client could make an instance, or a proxy in front of
+# it, act on another path, method, address or port than the balancer checked
+# (docs/design.md, "Hostile clients"): never forwarded, whoever sent them.
+_REQUEST_REWRITERS = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    }
+)
+
 # The server in front of the application always writes its own Date and
 # Server; relaying the instance's as well would send each twice.
 _RESPONSE_RECOMPUTED = frozenset({"date", "server"})
@@ -37,7 +55,7 @@ Headers = list[tuple[str, str]]
 
 # What each direction drops when no Connection header lists more names:
 # computed once, not per message (issue #6).
-_REQUEST_DROP = HOP_BY_HOP | _REQUEST_RECOMPUTED
+_REQUEST_DROP = HOP_BY_HOP | _REQUEST_RECOMPUTED | _REQUEST_REWRITERS
 _RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_RECOMPUTED
 
 
@@ -72,12 +90,15 @@ def request_headers(
     client_proto: str,
     client_host: str | None,
     content_length: int | None,
+    from_front_proxy: bool = False,
 ) -> Headers:
     """Headers for the request to an instance, less ``Host`` (set per instance).
 
-    ``X-Forwarded-For`` keeps what earlier proxies wrote and appends the
-    client's address; ``-Proto`` and ``-Host`` describe the request the
-    balancer received.
+    ``X-Forwarded-For`` is the peer's address, appended to what the peer
+    sent only when it is a configured front proxy (*from_front_proxy*):
+    anyone else could forge the leftmost entry an instance may log or trust.
+    ``-Proto`` and ``-Host`` describe the request the balancer received
+    (*client_host* already checked by :func:`valid_host`).
     """
     keyed, listed = _keyed(client_headers)
     drop = _REQUEST_DROP | listed if listed else _REQUEST_DROP
@@ -87,7 +108,8 @@ def request_headers(
         if key in drop:
             continue
         if key == "x-forwarded-for":
-            forwarded_for.append(value)
+            if from_front_proxy:
+                forwarded_for.append(value)
         else:
             out.append((name, value))
     if content_length is not None:
@@ -105,6 +127,16 @@ def response_headers(instance_headers: Iterable[tuple[str, str]]) -> Headers:
     keyed, listed = _keyed(instance_headers)
     drop = _RESPONSE_DROP | listed if listed else _RESPONSE_DROP
     return [(name, value) for key, name, value in keyed if key not in drop]
+
+
+# RFC 9112 section 3.2 and RFC 3986 section 3.2.2: a reg-name or IPv4 address, or
+# an IP literal in brackets, then an optional port.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]{0,5})?")
+
+
+def valid_host(value: str) -> bool:
+    """Whether *value* is a syntactically valid ``Host`` field value."""
+    return len(value) <= 255 and _HOST.fullmatch(value) is not None
 
 
 def host_header(host: str, port: int) -> str:

@@ -8,8 +8,7 @@ read the body as framed (held when it may be sent again), hand it to
 from __future__ import annotations
 
 import logging
-import tempfile
-from typing import IO, Iterator
+from typing import Iterable, Iterator
 
 from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -18,15 +17,19 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMetho
 from werkzeug.routing import Map, RequestRedirect
 
 from . import routing
-from .config import Config
+from .buffering import BufferedAnswer, DiskBudget, HeldBody, NoRoom
+from .config import Config, allows
 from .failover import exchange
 from .errors import (
     BalancerError,
+    CodingNotImplemented,
+    InvalidHost,
     MethodNotAllowed,
     RequestBodyInvalid,
     RequestNotAllowed,
+    RequestTooLarge,
 )
-from .headers import request_headers, response_headers
+from .headers import request_headers, response_headers, valid_host
 from .status import ReservedPaths
 from .upstream import Answer, Balancer, Outgoing
 
@@ -47,9 +50,6 @@ RELAY_CHUNK = 64 * 1024
 #: A small answer is read whole whatever this is (http.client stops at its
 #: Content-Length), so this only bounds the memory of a large one in flight.
 ANSWER_CHUNK = 256 * 1024
-#: A chunked upload is counted before it is sent with a Content-Length; up to
-#: this size it stays in memory, beyond it spills to a temporary file.
-SPOOL_IN_MEMORY = 1024 * 1024
 
 
 class RelayedResponse(Response):
@@ -97,7 +97,20 @@ def make_blueprint(config: Config) -> Blueprint:
 
 def check_request() -> None:
     """Refuse, before any view runs, what must not reach an instance."""
-    g.target = routing.check_target(routing.raw_target(request.environ))
+    environ = request.environ
+    g.target = routing.check_target(routing.raw_target(environ))
+    if environ.get("SCRIPT_NAME"):
+        # Rules are matched on exactly the path that is forwarded: no server
+        # in front may move part of it into SCRIPT_NAME (docs/design.md, "Hostile clients").
+        raise RequestNotAllowed(f"{request.method} {g.target} is not in AllowedRequests.")
+    coding = environ.get("HTTP_TRANSFER_ENCODING")
+    if coding is not None and coding.strip().lower() != "chunked":
+        raise CodingNotImplemented(
+            f"Transfer-Encoding {coding[:64]!r} is not implemented; the balancer accepts chunked only."
+        )
+    host = environ.get("HTTP_HOST")
+    if host is not None and not valid_host(host):
+        raise InvalidHost("The Host header is not a host name or address with an optional port.")
     exc = request.routing_exception
     if isinstance(exc, RequestRedirect):
         exc = _match_shadowed()
@@ -130,25 +143,31 @@ def _match_shadowed() -> HTTPException | None:
 
 
 def forward(**_placeholders: str) -> Response:
-    """Send the request to the next instance that takes it and relay its answer."""
-    # The request object itself: one context lookup rather than one per attribute (issue #6).
+    """Receive the request whole, send it to the next instance that takes it, and relay its answer."""
+    # The request object itself: one context lookup rather than one per attribute.
     req = request._get_current_object()  # type: ignore[attr-defined]
     extensions = current_app.extensions
     balancer: Balancer = extensions[EXTENSION]
-    repeatable = _repeatable(req, extensions[REPEATABLE])
-    body, length, held = _request_body(
-        req, balancer.config.failover.buffer_bytes if repeatable else 0, balancer.config.timeouts.read
-    )
-    client_headers = req.headers
-    headers = request_headers(
-        client_headers.items(),
-        client_addr=req.remote_addr or "",
-        client_proto=req.scheme,
-        client_host=client_headers.get("Host"),
-        content_length=length,
-    )
-    outgoing = Outgoing(method=req.method, target=g.target, headers=headers, body=body)
-    return _relay(exchange(balancer, outgoing, repeatable and held))
+    config = balancer.config
+    body = _receive_body(req, config, balancer.disk)
+    try:
+        client_headers = req.headers
+        remote_addr = req.remote_addr or ""
+        headers = request_headers(
+            client_headers.items(),
+            client_addr=remote_addr,
+            client_proto=req.scheme,
+            client_host=client_headers.get("Host"),
+            content_length=None if body is None else body.size,
+            from_front_proxy=bool(config.front_proxy) and allows(config.front_proxy, remote_addr),
+        )
+        outgoing = Outgoing(method=req.method, target=g.target, headers=headers, body=None if body is None else body.content())
+        answer = exchange(balancer, outgoing, _repeatable(req, extensions[REPEATABLE]))
+    finally:
+        # Sent whole by now (or never to be sent): a spooled body's disk goes back at once.
+        if body is not None:
+            body.close()
+    return _relay(answer, config)
 
 
 def _repeatable(req: Request, pairs: frozenset[tuple[str, str]]) -> bool:
@@ -158,61 +177,70 @@ def _repeatable(req: Request, pairs: frozenset[tuple[str, str]]) -> bool:
     return (rule, method) in pairs or (method == "HEAD" and (rule, "GET") in pairs)
 
 
-def _request_body(
-    req: Request, buffer_bytes: int, silence: float
-) -> tuple[bytes | IO[bytes] | None, int | None, bool]:
-    """The body to send on, its length, and whether it is held (so it can be sent again).
+def _receive_body(req: Request, config: Config, disk: DiskBudget) -> HeldBody | None:
+    """The whole request body, held before any instance slot is taken; None when the request has none.
 
-    A body announced by Content-Length is held in memory up to
-    *buffer_bytes* and streamed beyond; a chunked one is always counted in a
-    spool, which can be read again. A client silent for *silence* seconds
-    while sending it gets 400.
+    In memory up to ``Failover buffer_bytes``, beyond that on disk. A body
+    over ``Limits body_bytes`` is refused with 413 before a byte of it is
+    stored when its length is announced, as soon as it passes the limit when
+    it is chunked; one that the worker's disk budget cannot hold now gets
+    413 with ``Retry-After``. A client silent for ``Timeouts client`` seconds
+    while sending it gets 400 (the worker's socket timeout).
     """
     environ = req.environ
     length = req.content_length
-    if length is not None:
-        if not length:
-            return b"", 0, True
-        body = _ExactBody(_ClientInput(environ, silence), length)
-        if length <= buffer_bytes:
-            return body.read_all(), length, True
-        return body, length, False
-    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        # The server in front has de-chunked it; count it so the instance
-        # gets a Content-Length, without holding a large upload in memory.
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)
-        stream = _ClientInput(environ, silence)
-        size = 0
-        while chunk := stream.read(RELAY_CHUNK):
-            spool.write(chunk)
-            size += len(chunk)
-        spool.seek(0)
-        return spool, size, True
-    return None, None, True
+    chunked = "HTTP_TRANSFER_ENCODING" in environ
+    if length is None and not chunked:
+        return None
+    limit = config.limits.body_bytes
+    if length is not None and length > limit:
+        raise _too_large(length, limit)
+    body = HeldBody(config.failover.buffer_bytes, disk)
+    stream = _ClientInput(environ, config.timeouts.client)
+    left = length
+    try:
+        while left is None or left > 0:
+            chunk = stream.read(RELAY_CHUNK if left is None else min(RELAY_CHUNK, left))
+            if not chunk:
+                if left:
+                    raise RequestBodyInvalid(f"The request body ended {left} bytes before its Content-Length.")
+                break
+            if left is None and body.size + len(chunk) > limit:
+                raise _too_large(None, limit)
+            body.write(chunk)
+            if left is not None:
+                left -= len(chunk)
+    except NoRoom:
+        body.close()
+        raise RequestTooLarge(
+            "The balancer has no room to hold this request body now (Limits spool_bytes); try again later.",
+            retry_after=5,
+        ) from None
+    except BaseException:
+        body.close()
+        raise
+    return body
+
+
+def _too_large(length: int | None, limit: int) -> RequestTooLarge:
+    size = f"{length} bytes" if length is not None else f"over {limit} bytes"
+    return RequestTooLarge(f"The request body is {size}; the balancer accepts at most {limit} (Limits body_bytes).")
 
 
 class _ClientInput:
     """``wsgi.input``, failing with 400 when the client breaks its body's framing or falls silent.
 
-    Without a limit, a client that stops sending its body keeps its greenlet
-    and, for a streamed body, the instance connection and a scanners_count
-    slot for as long as it keeps the connection open: a few such clients
-    lock everyone else out of an instance (issue #7). gunicorn's worker
-    gives the client socket no timeout, so one is set on it (``Timeouts
-    read``, the longest silence allowed on either side) for each read, and
-    the previous one put back. Errors of the server's body reader (a bad
-    chunk size, a client gone in the middle of a chunk) become the same 400.
+    The worker (:mod:`app.worker`) gives the client socket a timeout of
+    ``Timeouts client``: a client that stops sending its body is cut after
+    that long, here as a 400. Errors of the server's body reader (a bad chunk
+    size, a client gone in the middle of a chunk) become the same 400.
     """
 
     def __init__(self, environ: dict, silence: float) -> None:
         self._stream = environ["wsgi.input"]
-        self._socket = environ.get("gunicorn.socket")
         self._silence = silence
 
     def read(self, size: int = -1) -> bytes:
-        previous = self._socket.gettimeout() if self._socket is not None else None
-        if self._socket is not None:
-            self._socket.settimeout(self._silence)
         try:
             return self._stream.read(size)
         except TimeoutError as exc:
@@ -221,85 +249,40 @@ class _ClientInput:
             ) from exc
         except Exception as exc:
             raise RequestBodyInvalid("The request body is malformed or ended early.") from exc
-        finally:
-            if self._socket is not None:
-                self._socket.settimeout(previous)
 
 
-class _ExactBody:
-    """A reader of exactly *length* bytes that fails if the client stops early.
-
-    Without it a short upload would leave the instance waiting for the rest
-    until the read timeout.
-    """
-
-    def __init__(self, stream: IO[bytes], length: int) -> None:
-        self._stream = stream
-        self._left = length
-
-    def read(self, size: int = -1) -> bytes:
-        if self._left <= 0:
-            return b""
-        size = self._left if size is None or size < 0 else min(size, self._left)
-        data = self._stream.read(size)
-        if not data:
-            raise RequestBodyInvalid(f"The request body ended {self._left} bytes before its Content-Length.")
-        self._left -= len(data)
-        return data
-
-    def read_all(self) -> bytes:
-        parts = []
-        while data := self.read(RELAY_CHUNK):
-            parts.append(data)
-        return b"".join(parts)
-
-
-def _relay(answer: Answer) -> Response:
-    """The instance's answer as a streamed response; frees its slot when done."""
-    raw = answer.response.raw
-    status = answer.response.status_code
+def _relay(answer: Answer, config: Config) -> Response:
+    """The instance's answer, read off the instance ahead of the client; its slot is freed once it is read."""
+    response = answer.response
+    raw = response.raw
+    status = response.status_code
     reason = raw.reason or ""
-    # direct_passthrough: the server iterates the _Relay itself, and its
-    # close() (WSGI) reaches answer.close(); for HEAD, 1xx, 204 and 304
-    # werkzeug sends no body and closes the response, which closes the _Relay.
+    if answer.body is not None:
+        # The common case: a small answer, read whole in the attempt (app.upstream.Upstream.read_small).
+        body: Iterable[bytes] = [answer.body]
+    else:
+        balancer: Balancer = current_app.extensions[EXTENSION]
+        body = BufferedAnswer(
+            _chunks(answer), answer.close, config.failover.buffer_bytes, config.limits.answer_bytes, balancer.disk
+        )
+    # direct_passthrough: the server iterates the body itself, and its
+    # close() (WSGI) reaches the BufferedAnswer; for HEAD, 1xx, 204 and 304
+    # werkzeug sends no body and closes the response.
     return RelayedResponse(
-        _Relay(answer),
+        body,
         status=f"{status} {reason}" if reason.isprintable() and reason.isascii() and reason else status,
         headers=response_headers(raw.headers.items()),
         direct_passthrough=True,
     )
 
 
-class _Relay:
-    """The body of an instance's answer as the WSGI iterable: bytes as sent, no gzip decoding.
-
-    Errors are logged, not hidden: raising makes the server cut the client
-    connection, so the client sees a broken answer instead of a
-    complete-looking short one. ``close()`` frees the answer's connection and
-    slot, whether the body was read to its end or not.
-    """
-
-    def __init__(self, answer: Answer) -> None:
-        self._answer = answer
-        self._chunks = answer.response.raw.stream(ANSWER_CHUNK, decode_content=False)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        try:
-            return next(self._chunks)
-        except (Urllib3Error, OSError) as exc:
-            log.warning(
-                "instance %s failed while sending its answer: %s", self._answer.upstream.spec.name, type(exc).__name__
-            )
-            raise
-
-    def close(self) -> None:
-        try:
-            self._chunks.close()
-        finally:
-            self._answer.close()
+def _chunks(answer: Answer) -> Iterator[bytes]:
+    """The body of a large answer as sent; a failure is logged, then raised to cut the client's connection."""
+    try:
+        yield from answer.response.raw.stream(ANSWER_CHUNK, decode_content=False)
+    except (Urllib3Error, OSError) as exc:
+        log.warning("instance %s failed while sending its answer: %s", answer.upstream.spec.name, type(exc).__name__)
+        raise
 
 
 def render_error(exc: BalancerError) -> Response:
@@ -307,6 +290,11 @@ def render_error(exc: BalancerError) -> Response:
     response.status_code = exc.status
     for name, value in exc.headers():
         response.headers[name] = value
+    if exc.closes_connection:
+        response.headers["Connection"] = "close"  # for servers that read it (flask run)
+        close = getattr(request.environ.get("gunicorn.socket"), "close_after_response", None)
+        if close is not None:  # app.worker's socket: gunicorn ignores an application's Connection header
+            close()
     return response
 
 

@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable
 from werkzeug.wrappers import Request, Response
 
 from . import probe
-from .config import InstanceSpec
-from .errors import BalancerError, MethodNotAllowed, RequestNotAllowed
+from .config import InstanceSpec, allows
+from .errors import BalancerError, Forbidden, MethodNotAllowed, RequestNotAllowed
 from .health import DISABLED, NOT_PINNED, UP
 from .pins import NotACertificate, read_reference, sha256
 from .upstream import Balancer
@@ -57,6 +57,12 @@ class ReservedPaths:
     def serve(self, request: Request) -> Response:
         view = self.views.get(request.path[len(PREFIX) :])
         try:
+            if view is not None and view != self.health and not allows(
+                self.balancer.config.admin_allow, request.remote_addr or ""
+            ):
+                # Instance addresses, references and in-flight counts are for
+                # operators only: the TCP peer, never X-Forwarded-For, decides.
+                raise Forbidden(f"{request.path} may be read from the addresses of <Admin allow> only.")
             if view is None:
                 raise RequestNotAllowed(
                     f"{request.path} is not a path of the balancer; it serves {PREFIX}/health and {PREFIX}/status."

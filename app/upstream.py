@@ -29,6 +29,7 @@ import urllib3.exceptions
 from requests.models import PreparedRequest
 from urllib3.util import SKIP_HEADER
 
+from .buffering import DiskBudget
 from .config import Config, InstanceSpec
 from .errors import BalancerError, InstanceError, InstanceFailed, InstanceTimeout, NoInstanceAvailable
 from .headers import host_header
@@ -189,6 +190,35 @@ class Upstream:
         except requests.RequestException as exc:
             raise translate(self.spec, exc) from exc
 
+    def read_small(self, response: requests.Response, limit: int) -> bytes | None:
+        """The whole body of *response* when its length is known and at most *limit*, else None.
+
+        Read here, inside the attempt, so that an instance that fails in the
+        middle of a small answer is an attempt that failed after sending
+        (and a repeatable request goes to the next instance), not a client
+        connection cut after a complete-looking head. Bytes as sent: no
+        gzip decoding. Raises :class:`AfterSend`.
+        """
+        raw = response.raw
+        length = raw.length_remaining
+        if length is None or length > limit:
+            return None
+        try:
+            return raw.read(decode_content=False)
+        except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
+            timeout = InstanceTimeout(
+                f"The instance {self.spec.name} did not answer in time.", self.spec.host, self.spec.api_port
+            )
+            raise AfterSend(timeout, "no answer within the read timeout", dropped=False) from exc
+        except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
+            reason = f"answer cut off ({type(exc).__name__})"
+            error = InstanceFailed(
+                f"The instance {self.spec.name} failed while sending its answer: {type(exc).__name__}.",
+                self.spec.host,
+                self.spec.api_port,
+            )
+            raise AfterSend(error, reason, dropped=False) from exc
+
     def close(self) -> None:
         self.session.close()
 
@@ -319,11 +349,16 @@ class Outgoing:
 
 
 class Answer:
-    """An instance's answer, holding its instance's slot until closed."""
+    """An instance's answer, holding its instance's slot until closed.
 
-    def __init__(self, response: requests.Response, upstream: Upstream) -> None:
+    ``body`` is the whole body when it was read in the attempt
+    (:meth:`Upstream.read_small`), else None: it is then still on the connection.
+    """
+
+    def __init__(self, response: requests.Response, upstream: Upstream, body: bytes | None = None) -> None:
         self.response = response
         self.upstream = upstream
+        self.body = body
         self._open = True
 
     def close(self) -> None:
@@ -357,6 +392,8 @@ class Balancer:
         self._turn = itertools.count(random.randrange(max(len(self.upstreams), 1)))
         #: Set by app.probe once this worker's probe loops run.
         self.probing = False
+        #: Disk this worker may fill with held bodies and answers (Limits spool_bytes).
+        self.disk = DiskBudget(config.limits.spool_bytes)
 
     def candidates(self) -> list[Upstream]:
         """Every enabled instance once, starting with the next in turn."""

@@ -3,7 +3,7 @@
 The instance is a :class:`~tests.peers.RawInstance`: it parses HTTP/1.1 itself
 and keeps every request it received, complete or not, so each test can
 assert exactly what reached it. The balancer runs with ``scanners_count="1"``
-and ``<Timeouts read="2"/>``: a request slot that is not given back shows at
+and ``<Timeouts read="2" client="2"/>``: a request slot that is not given back shows at
 once as a 503 on the next request, and a stalled client is cut after two
 seconds of silence.
 
@@ -85,7 +85,7 @@ def balancer(instance: RawInstance, tmp_path_factory: pytest.TempPathFactory) ->
         scanners_count=1,
         # cooldown="0": an instance answer refused as malformed does not keep
         # the next test's requests away from the instance.
-        extra='  <Timeouts connect="5" read="2"/>\n  <Failover cooldown="0"/>\n',
+        extra='  <Timeouts connect="5" read="2" client="2"/>\n  <Failover cooldown="0"/>\n',
     )
     g = Gunicorn(config, config_port(config), directory / "gunicorn.log").start()
     yield g
@@ -175,6 +175,15 @@ REFUSED = [
 ]
 
 
+REFUSAL_CODES = {
+    400: "invalid_request",
+    414: "request_line_too_long",
+    417: "expectation_failed",
+    431: "request_headers_too_large",
+    501: "transfer_coding_not_implemented",
+}
+
+
 @pytest.mark.parametrize("row", REFUSED, ids=[r.id for r in REFUSED])
 def test_refused_by_gunicorn_and_nothing_forwarded(row: Refused, balancer: Gunicorn, instance: RawInstance) -> None:
     before_requests, before_bytes = len(instance.requests), len(instance.received)
@@ -185,8 +194,11 @@ def test_refused_by_gunicorn_and_nothing_forwarded(row: Refused, balancer: Gunic
     assert data.count(b"HTTP/1.1 ") == 1, data
     resp = read_response_bytes(data)
     assert resp.status == row.status
-    assert resp.header("Content-Type") == "text/html"
-    assert f"<title>{row.title}</title>".encode() in resp.body
+    # gunicorn's refusals are answered in the balancer's JSON (app.worker), with its status line.
+    assert data.startswith(f"HTTP/1.1 {row.status} {row.title}\r\n".encode()), data
+    assert resp.header("Content-Type") == "application/json"
+    assert resp.json()["error"] == REFUSAL_CODES[row.status]
+    assert resp.header("Server") == "ctbalancer"
     assert resp.header("Connection") == "close"
     assert instance.requests[before_requests:] == []
     assert len(instance.received) == before_bytes
@@ -271,18 +283,14 @@ def test_body_shorter_than_content_length_is_400_and_never_complete(balancer: Gu
         "error": "invalid_request_body",
         "description": "The request body ended 5 bytes before its Content-Length.",
     }
-    [got] = wait_for_requests(instance, before, 1)
-    # The head was already on its way (the body is streamed); the connection
-    # to the instance is closed before the body is complete.
-    assert (got.method, got.target, got.complete) == ("POST", "/a", False)
-    assert got.header("Content-Length") == ["10"]
-    assert b"hello".startswith(got.body)
+    # The body is received whole before an instance is chosen: nothing was sent.
+    assert wait_for_requests(instance, before, 1, limit=1.0) == []
 
 
 def test_client_that_stops_sending_its_body_is_cut_after_the_read_timeout(
     balancer: Gunicorn, instance: RawInstance
 ) -> None:
-    """A stalled upload gets 400 after <Timeouts read="2"/> of silence; it never holds the slot for good."""
+    """A stalled upload gets 400 after <Timeouts client="2"/> of silence, and never reached an instance."""
     before = len(instance.requests)
     with socket.create_connection(("127.0.0.1", balancer.port), timeout=30) as sock:
         sock.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10\r\n\r\nhello")
@@ -291,10 +299,8 @@ def test_client_that_stops_sending_its_body_is_cut_after_the_read_timeout(
     assert resp.status == 400
     body = resp.json()
     assert body["error"] == "invalid_request_body"
-    assert "2 seconds" in body["description"]
-    [got] = wait_for_requests(instance, before, 1)
-    assert (got.method, got.target, got.complete) == ("POST", "/a", False)
-    assert b"hello".startswith(got.body)
+    assert body["description"] == "The client sent nothing of its request body for 2 seconds."
+    assert wait_for_requests(instance, before, 1, limit=1.0) == []
 
 
 def test_client_that_goes_away_mid_body_leaves_no_complete_request(balancer: Gunicorn, instance: RawInstance) -> None:
@@ -302,9 +308,7 @@ def test_client_that_goes_away_mid_body_leaves_no_complete_request(balancer: Gun
     with socket.create_connection(("127.0.0.1", balancer.port), timeout=10) as sock:
         sock.sendall(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
         time.sleep(0.3)
-    [got] = wait_for_requests(instance, before, 1)
-    assert (got.method, got.target, got.complete) == ("POST", "/a", False)
-    assert b"hello".startswith(got.body)
+    assert wait_for_requests(instance, before, 1, limit=1.0) == []
 
 
 def wait_for_requests(instance: RawInstance, before: int, count: int, limit: float = 10.0) -> list[Received]:

@@ -19,7 +19,11 @@ from pathlib import Path
 import pytest
 
 from app.config import (
+    DEFAULT_CIPHERS,
     MAX_CONFIG_BYTES,
+    Limits,
+    TLSPolicy,
+    allows,
     AllowedRequest,
     BalancerSpec,
     Config,
@@ -60,7 +64,7 @@ INSTANCE_7 = '    <Instance enabled="false" matching_port="9999" api_port="443">
 REQUEST_10 = '    <Request method="GET">/api/v.1.1/suppliers</Request>\n'
 ROOT_ELEMENTS = (
     "Balancer, SSLCertificatePath, SSLPrivateKeyPath, CertDirPath, EventDelimiter, Instances, AllowedRequests, "
-    "Timeouts, Workers, Failover, HealthCheck"
+    "Timeouts, Workers, Failover, HealthCheck, Limits, FrontProxy, TLS, Admin"
 )
 METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 XML_EXPECTED = "expected well-formed XML in UTF-8 or the declared encoding"
@@ -512,7 +516,7 @@ BROKEN = [
     param(
         "timeouts-unknown-attribute",
         before_end('  <Timeouts connect="5" write="5"/>'),
-        "{path}:13: <Timeouts> has unknown attribute 'write'; expected: connect, read, total, queue",
+        "{path}:13: <Timeouts> has unknown attribute 'write'; expected: connect, read, total, queue, client",
     ),
     param(
         "timeouts-total-0",
@@ -553,6 +557,67 @@ BROKEN = [
         "timeouts-text",
         before_end("  <Timeouts>5</Timeouts>"),
         "{path}:13: <Timeouts> has text '5'; expected only attributes",
+    ),
+    param(
+        "timeouts-client-zero",
+        before_end('  <Timeouts client="0"/>'),
+        "{path}:13: <Timeouts> attribute client='0' is not valid; expected seconds, above 0 and at most 3600",
+    ),
+    # -- Limits, FrontProxy, Admin, TLS ------------------------------------------------------------------
+    param(
+        "limits-body-negative",
+        before_end('  <Limits body_bytes="-1"/>'),
+        "{path}:13: <Limits> attribute body_bytes='-1' is not a whole number; expected 0 to 17179869184",
+    ),
+    param(
+        "limits-body-over-16GiB",
+        before_end('  <Limits body_bytes="17179869185"/>'),
+        "{path}:13: <Limits> attribute body_bytes='17179869185' is out of range; expected 0 to 17179869184",
+    ),
+    param(
+        "limits-connections-below-10",
+        before_end('  <Limits connections="9"/>'),
+        "{path}:13: <Limits> attribute connections='9' is out of range; expected 10 to 100000",
+    ),
+    param(
+        "limits-unknown-attribute",
+        before_end('  <Limits header_bytes="9"/>'),
+        "{path}:13: <Limits> has unknown attribute 'header_bytes'; "
+        "expected: body_bytes, connections, spool_bytes, answer_bytes",
+    ),
+    param(
+        "frontproxy-without-allow",
+        before_end("  <FrontProxy/>"),
+        "{path}:13: <FrontProxy> is missing attribute 'allow'; expected all of: allow",
+    ),
+    param(
+        "frontproxy-host-name",
+        before_end('  <FrontProxy allow="127.0.0.1 proxy.example"/>'),
+        "{path}:13: <FrontProxy> attribute allow has 'proxy.example'; expected IPv4 or IPv6 addresses or "
+        "networks (10.0.0.0/8) separated by spaces",
+    ),
+    param(
+        "admin-network-with-host-bits",
+        before_end('  <Admin allow="10.20.0.1/16"/>'),
+        "{path}:13: <Admin> attribute allow has '10.20.0.1/16'; expected IPv4 or IPv6 addresses or "
+        "networks (10.0.0.0/8) separated by spaces",
+    ),
+    param(
+        "tls-min-version-1.1",
+        before_end('  <TLS min_version="1.1"/>'),
+        "{path}:13: <TLS> attribute min_version='1.1' is not valid; expected one of: 1.2, 1.3",
+    ),
+    param(
+        "tls-unknown-cipher",
+        before_end('  <TLS ciphers="NOT-A-CIPHER"/>'),
+        "{path}:13: <TLS> attribute ciphers='NOT-A-CIPHER' selects no cipher OpenSSL knows; expected an OpenSSL "
+        "cipher list such as the default (ECDHE-ECDSA-AES128-GCM-SHA256:...)",
+    ),
+    param(
+        "tls-only-tls-1.3-suites",
+        before_end('  <TLS ciphers="TLS_AES_128_GCM_SHA256"/>'),
+        "{path}:13: <TLS> attribute ciphers='TLS_AES_128_GCM_SHA256' selects no cipher OpenSSL knows; "
+        "expected an OpenSSL cipher list such as the default (ECDHE-ECDSA-AES128-GCM-SHA256:...)",
     ),
     # -- Failover, HealthCheck -------------------------------------------------------------------------
     param(
@@ -914,6 +979,38 @@ def test_defaults_without_optional_elements(tmp_path: Path) -> None:
     assert config.failover == Failover(10.0, (425, 429, 503), 1024 * 1024, "refuse")
     assert config.health_check == HealthCheck(0.0)
     assert (config.tls_cert, config.tls_key, config.tls, config.event_delimiter) == (None, None, False, None)
+
+
+def test_hostile_client_defaults(tmp_path: Path) -> None:
+    config = load(write(tmp_path, BASE))
+    assert config.timeouts.client == 10.0
+    assert config.limits == Limits(body_bytes=128 * 1024 * 1024, connections=1000, spool_bytes=4 << 30, answer_bytes=1 << 30)
+    assert config.tls_policy == TLSPolicy(ciphers=DEFAULT_CIPHERS, min_version="1.2")
+    assert "CBC" not in DEFAULT_CIPHERS and "SHA:" not in DEFAULT_CIPHERS + ":"
+    assert config.front_proxy == ()
+    assert [str(n) for n in config.admin_allow] == ["127.0.0.1/32", "::1/128"]
+
+
+def test_hostile_client_elements_are_read(tmp_path: Path) -> None:
+    config = load(
+        write(
+            tmp_path,
+            before_end(
+                '  <Timeouts client="3.5"/>\n'
+                '  <Limits body_bytes="1000" connections="20" spool_bytes="0" answer_bytes="5"/>\n'
+                '  <FrontProxy allow="127.0.0.1, 10.0.0.0/8"/>\n'
+                '  <TLS ciphers="ECDHE-RSA-AES128-GCM-SHA256" min_version="1.3"/>\n'
+                '  <Admin allow="::1 10.20.0.0/16"/>'
+            ),
+        )
+    )
+    assert config.timeouts.client == 3.5
+    assert config.limits == Limits(body_bytes=1000, connections=20, spool_bytes=0, answer_bytes=5)
+    assert [str(n) for n in config.front_proxy] == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert config.tls_policy == TLSPolicy(ciphers="ECDHE-RSA-AES128-GCM-SHA256", min_version="1.3")
+    assert [str(n) for n in config.admin_allow] == ["::1/128", "10.20.0.0/16"]
+    assert allows(config.admin_allow, "10.20.3.4") and not allows(config.admin_allow, "127.0.0.1")
+    assert allows(config.front_proxy, "::ffff:10.1.2.3") and not allows(config.front_proxy, "garbage")
 
 
 def test_timeouts_and_workers_are_read(tmp_path: Path) -> None:

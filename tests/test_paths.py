@@ -244,6 +244,7 @@ def test_target(row: Row, balancer: Gunicorn, instance: Instance) -> None:
             if row.allow:
                 assert body["allowed_methods"] == row.allow.split(", ")
     else:
-        # gunicorn's own page, written before any application code runs.
-        assert resp.header("Content-Type") == "text/html"
-        assert b"<title>Bad Request</title>" in resp.body
+        # gunicorn's refusal, written before any application code runs, in the balancer's JSON (app.worker).
+        assert resp.header("Content-Type") == "application/json"
+        if verb != "HEAD":
+            assert resp.json()["error"] == "invalid_request"

@@ -323,7 +323,12 @@ def test_request_headers_exact() -> None:
         ("Transfer-Encoding", "chunked"),
     ]
     out = request_headers(
-        client, client_addr="192.0.2.1", client_proto="https", client_host="balancer.example:9443", content_length=17
+        client,
+        client_addr="192.0.2.1",
+        client_proto="https",
+        client_host="balancer.example:9443",
+        content_length=17,
+        from_front_proxy=True,
     )
     assert out == [
         ("Authorization", "Bearer abc.DEF/ghi=="),
@@ -335,6 +340,25 @@ def test_request_headers_exact() -> None:
         ("X-Forwarded-Proto", "https"),
         ("X-Forwarded-Host", "balancer.example:9443"),
     ]
+
+
+def test_request_headers_from_a_client_drop_its_forwarding_chain_and_rewriters() -> None:
+    """A peer that is not a FrontProxy: its X-Forwarded-For is forged as far as the balancer knows."""
+    client = [
+        ("X-Forwarded-For", "198.51.100.7"),
+        ("Forwarded", "for=10.0.0.1"),
+        ("X-Real-IP", "10.0.0.1"),
+        ("x-forwarded-port", "443"),
+        ("X-Forwarded-Prefix", "/admin"),
+        ("X-Original-URL", "/admin"),
+        ("X-Rewrite-URL", "/admin"),
+        ("X-HTTP-Method-Override", "DELETE"),
+        ("X-HTTP-Method", "DELETE"),
+        ("X-Method-Override", "DELETE"),
+        ("Accept", "*/*"),
+    ]
+    out = request_headers(client, client_addr="192.0.2.1", client_proto="http", client_host=None, content_length=None)
+    assert out == [("Accept", "*/*"), ("X-Forwarded-For", "192.0.2.1"), ("X-Forwarded-Proto", "http")]
 
 
 def test_request_headers_minimal_adds_only_forwarding() -> None:
