@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: venv test demo bench soak clean
+.PHONY: venv test demo bench soak hostile clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,17 @@ bench: $(STAMP)
 # SOAK_SECONDS=40 SOAK_RESTART_EVERY=15 for a short run). Report: bench/results/soak.md.
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py
+
+# Hostile clients: slowhttptest (slow body, Slowloris, slow read), 2,000 idle
+# connections and testssl.sh against the balancer on loopback, with normal
+# requests measured meanwhile (bench/hostile.py; HOSTILE_SECONDS=10 for a
+# short run). Installs slowhttptest and testssl.sh with apt-get when missing.
+hostile: $(STAMP)
+	@if ! command -v slowhttptest >/dev/null 2>&1 || ! command -v testssl >/dev/null 2>&1; then \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y slowhttptest testssl.sh; \
+	fi
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

@@ -6,7 +6,7 @@ This file runs in the master before any worker exists, and again on every
 SIGHUP. It reads the XML with ``app.config`` alone (standard library and
 lxml): importing Flask, requests or urllib3 here would load ssl before the
 gevent worker patches it, and the worker would then fail with RecursionError
-(DESIGN section 7).
+(docs/design.md, "Traps").
 """
 
 import logging
@@ -34,7 +34,7 @@ _app_log.propagate = False
 # runs this file again, and an exception or SystemExit here would kill the
 # master: a bad file is refused, logged, and the configuration already
 # served stays active, with the settings below taken from it. Workers forked
-# from now on inherit the active configuration (app.config.active, issue #4).
+# from now on inherit the active configuration (app.config.active, docs/design.md, "Failover").
 def _configuration() -> Config:
     previous = active()
     reload_log = logging.getLogger("app.reload")
@@ -109,21 +109,21 @@ worker_connections = _config.limits.connections
 # Seconds a silent worker may live; gevent workers notify between requests.
 timeout = 30
 # On SIGHUP and SIGTERM old workers finish the requests they hold: give them
-# the longest a request may wait for its answer (Timeouts total, issue #4).
+# the longest a request may wait for its answer (Timeouts total, docs/design.md, "Failover").
 graceful_timeout = max(30, int(_config.timeouts.total) + 5)
 # SIEMs keep connections open between batches.
 keepalive = 75
 
 # -- Control socket ---------------------------------------------------------------
 # gunicorn 27 opens $HOME/.gunicorn/...; several balancers on one machine (and
-# the test suite) would collide on it (DESIGN section 7).
+# the test suite) would collide on it (docs/design.md, "Traps").
 control_socket_disable = True
 
 # -- Server hooks -------------------------------------------------------------------
 
 
 def post_worker_init(worker):
-    """Start this worker's active health checks (HealthCheck interval, issue #4).
+    """Start this worker's active health checks (HealthCheck interval, docs/design.md, "Failover").
 
     Imported here, in the worker, after gevent has patched: a probe loop is
     then a greenlet. Nothing starts when the interval is 0 (the default).

@@ -4,7 +4,7 @@ The commands read the configuration the server reads (``BALANCER_CONFIG``)
 and change reference files only the way the server expects them to change:
 atomically, under the same per-reference lock file (:mod:`app.pins`).
 Running workers notice a replaced or deleted file within a second and close
-the keep-alive connections checked against the old one (issue #5).
+the keep-alive connections checked against the old one (docs/design.md, "Reference certificates").
 
 An instance is named ``HOST:PORT`` with PORT its ``api_port`` (``[v6]:PORT``
 for an IPv6 address), or ``HOST`` alone when only one instance has that host.
@@ -189,7 +189,7 @@ def reference_files(cert_dir: Path) -> list[Path]:
 
 def describe(der: bytes) -> tuple[str, str]:
     """(subject, not-after) of a certificate, for people."""
-    # Imported here: a worker, which registers these commands, never needs it (8 MB, issue #6).
+    # Imported here: a worker, which registers these commands, never needs it (8 MB).
     from cryptography import x509
 
     cert = x509.load_der_x509_certificate(der)

@@ -3,7 +3,7 @@
 This module imports nothing but the standard library and lxml, so that
 ``gunicorn.conf.py`` can read the server settings in the master process
 without loading ssl or urllib3 before the gevent worker patches them
-(DESIGN section 7).
+(docs/design.md, "Traps").
 
 Every problem is reported as one :class:`ConfigError` naming the file, the
 line, the element or attribute, the bad value and what was expected.
@@ -35,7 +35,7 @@ MAX_BUFFER_BYTES = 64 * 1024 * 1024
 #: forwardable through a reverse proxy and are refused on purpose.
 ALLOWED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
-#: Paths under this prefix belong to the balancer itself (DESIGN section 6).
+#: Paths under this prefix belong to the balancer itself (docs/design.md, "Reserved paths").
 RESERVED_PREFIX = "/_balancer/"
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -102,7 +102,7 @@ class InstanceSpec:
         return f"{self.host}_{self.matching_port}.pem"
 
 
-#: Methods whose requests may be sent again after an instance failed (issue #4):
+#: Methods whose requests may be sent again after an instance failed (docs/design.md, "Failover"):
 #: safe methods (RFC 9110 section 9.2.1) that AllowedRequests can name.
 REPEATABLE_METHODS = ("GET", "HEAD")
 
@@ -153,7 +153,7 @@ ON_MISMATCH = ("refuse", "failover")
 
 @dataclass(frozen=True)
 class Failover:
-    """The ``Failover`` element: passive health and what is sent again (issue #4)."""
+    """The ``Failover`` element: passive health and what is sent again (docs/design.md, "Failover")."""
 
     #: Seconds a failed instance is skipped before one request tries it again.
     cooldown: float = 10.0
@@ -286,7 +286,7 @@ def load(path: Path | str | None = None) -> Config:
 # read the file itself, a broken edit would reach the new workers even though
 # the master refused it. So the master loads the file, and only a configuration
 # that loaded becomes the active one; the workers inherit it with the rest of
-# the master's memory (issue #4).
+# the master's memory (docs/design.md, "Failover").
 
 _active: Config | None = None
 

@@ -22,7 +22,7 @@
 
 None of these derives from :class:`OSError`: raised from
 ``HTTPSConnection.connect()`` they travel through urllib3 and requests
-untouched (DESIGN section 7), so the pin check can refuse a connection and
+untouched (docs/design.md, "Traps"), so the pin check can refuse a connection and
 still reach the client as its own 500.
 
 This module is pure: rendering to a Flask response lives in ``app.proxy``.

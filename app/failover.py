@@ -1,6 +1,6 @@
 """One request's way through the instances: which is tried next, what is sent again, and the deadline.
 
-The rules (issue #4, README "High availability"):
+The rules (docs/design.md, "Failover", README "High availability"):
 
 * Nothing sent (connection refused or reset while opening, connect timeout,
   TLS handshake failure, and a certificate mismatch when ``on_mismatch`` is

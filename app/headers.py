@@ -54,7 +54,7 @@ _RESPONSE_RECOMPUTED = frozenset({"date", "server"})
 Headers = list[tuple[str, str]]
 
 # What each direction drops when no Connection header lists more names:
-# computed once, not per message (issue #6).
+# computed once, not per message.
 _REQUEST_DROP = HOP_BY_HOP | _REQUEST_RECOMPUTED | _REQUEST_REWRITERS
 _RESPONSE_DROP = HOP_BY_HOP | _RESPONSE_RECOMPUTED
 

@@ -111,7 +111,7 @@ class Health:
     def succeeded(self, trial: bool = False) -> None:
         """The instance answered (or a probe passed): it is up."""
         if not trial and self._state == _UP:
-            return  # nothing changes: most answers take no lock (issue #6)
+            return  # nothing changes: most answers take no lock
         with self._lock:
             if trial:
                 self._trial = False

@@ -7,15 +7,15 @@ pooled connection before writing the request line, so no code path can send
 a byte to an instance whose certificate has not been accepted.
 
 Chain, expiry and host name are not checked (``CERT_NONE``): the pin is the
-identity (DESIGN section 3). A refusal is raised as a
+identity (docs/design.md, "Reference certificates"). A refusal is raised as a
 :class:`~app.errors.BalancerError`, which is not an ``OSError`` and so
 travels through urllib3 and requests untouched.
 
 A keep-alive connection is checked once, when it opens. The connection keeps
 what the pin check returned; when that has an ``is_current()`` that now says
-False (the reference file was replaced or deleted, issue #5),
+False (the reference file was replaced or deleted, docs/design.md, "Reference certificates"),
 :class:`PinningHTTPSConnectionPool` closes the connection before reuse, so
-urllib3 opens a new one and the check runs again (DESIGN section 7).
+urllib3 opens a new one and the check runs again (docs/design.md, "Traps").
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class PinningHTTPSConnection(HTTPSConnection):
     """An HTTPS connection that refuses to exist unless its peer matches the pin."""
 
     #: Answers are read by a strict parser: a head that could be read in more
-    #: than one way must not be relayed (issue #7).
+    #: than one way must not be relayed (docs/design.md, "Hostile clients").
     response_class = StrictHTTPResponse
 
     def __init__(self, *args: Any, pin_check: PinCheck, **kwargs: Any) -> None:
@@ -108,7 +108,7 @@ class PinningAdapter(HTTPAdapter):
     ``get_connection_with_tls_context``, ``cert_verify``, ``request_url``,
     ``build_response``); it keeps no per-request state, so greenlets can
     share it. ``verify`` and ``cert`` are not used: the pin is the identity
-    (DESIGN section 3), and the pool's context never checks a chain.
+    (docs/design.md, "Reference certificates"), and the pool's context never checks a chain.
     """
 
     def __init__(self, pin_check: PinCheck, pool_maxsize: int, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -141,8 +141,8 @@ class PinningAdapter(HTTPAdapter):
     ) -> Any:
         """The pool of the request's origin, looked up once by requests and then kept.
 
-        requests would parse the URL and build a pool key on every request
-        (issue #6). A pool closed since (``close()``, or the pool manager
+        requests would parse the URL and build a pool key on every request.
+        A pool closed since (``close()``, or the pool manager
         cleared) is looked up again.
         """
         url: str = request.url  # type: ignore[assignment]
@@ -160,7 +160,7 @@ class PinningAdapter(HTTPAdapter):
         """A Response around urllib3's answer, with its body unread.
 
         Unlike requests' own, it stores no cookies (the balancer keeps nothing
-        between clients, DESIGN section 5) and guesses no text encoding: the
+        between clients, docs/design.md, "Which requests pass") and guesses no text encoding: the
         answer is relayed as raw bytes.
         """
         response = Response()

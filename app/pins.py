@@ -7,12 +7,12 @@ leaf certificate in PEM, DER-equal to what it presented. The store
   read, and re-stats its file at most every :data:`RECHECK_INTERVAL` seconds
   (lazily, on use): a file replaced (``pins trust``, or by hand) or deleted
   (``pins forget``) bumps the reference's *generation*, and connections
-  checked against an older generation are dropped by the pool (issue #5,
-  DESIGN section 7);
+  checked against an older generation are dropped by the pool
+  (docs/design.md, "Reference certificates" and "Traps");
 * saves a first-seen certificate atomically and only if no file exists:
   written to a temporary file, then ``os.link``-ed to its final name, which
   fails if another worker won the race; the loser compares against the
-  winner's file (DESIGN section 3). A saver killed half-way leaves at most a
+  winner's file (docs/design.md, "Reference certificates"). A saver killed half-way leaves at most a
   dot-file ending in ``.tmp``, removed by the next save of that reference;
 * serialises first contacts per reference with an in-process lock (one
   greenlet or thread at a time) and, across workers and with the ``pins``
@@ -61,7 +61,7 @@ RECHECK_INTERVAL = 0.5
 TRUST_COMMAND = "flask --app wsgi pins trust"
 
 #: What the operator should do when a first certificate cannot be saved, by errno
-#: (issue #7: a 500 must say what to fix; "make it writable" does not free a disk).
+#: (docs/design.md, "Hostile clients": a 500 must say what to fix; "make it writable" does not free a disk).
 UNSAVED_HINTS = {
     errno.ENOSPC: "free space on the file system that holds CertDirPath",
     errno.EDQUOT: "the balancer's user is over its disk quota there",
@@ -74,7 +74,7 @@ UNSAVED_HINTS = {
 #: The steps of writing a reference, in order, where a test can stop the process.
 SAVE_STEPS = ("after-temp-open", "after-write", "after-fsync", "after-link", "before-unlink")
 
-#: Test hook (issue #7): the process stops itself with SIGSTOP when it reaches
+#: Test hook (docs/design.md, "Hostile clients"): the process stops itself with SIGSTOP when it reaches
 #: this step of a save, so that a test can SIGKILL it exactly there. Read once,
 #: at import, from CTBALANCER_PIN_SAVE_PAUSE; unset, it is None and a save pays
 #: one comparison per step. Only first contacts and ``pins`` changes save.
@@ -138,7 +138,7 @@ def _parse(der: bytes) -> None:
 
     OpenSSL, which parses the certificate an instance presents, parses the
     reference too, through the ssl module. A worker thus never loads the
-    cryptography package, 8 MB of every worker's memory (issue #6); the
+    cryptography package, 8 MB of every worker's memory; the
     ``pins`` commands still use it to describe a certificate. OpenSSL would
     accept several certificates one after the other: the outer DER length
     must cover the whole of *der*.
@@ -207,7 +207,7 @@ def lock_path(path: Path) -> Path:
 def acquire_reference_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> filelock.BaseFileLock:
     """Take the lock file beside the reference at *path*, creating CertDirPath (0700) if needed.
 
-    The lock object is created per use (DESIGN section 7): filelock polls a
+    The lock object is created per use (docs/design.md, "Traps"): filelock polls a
     non-blocking ``flock`` and sleeps between tries, so under gevent a
     waiting greenlet yields instead of blocking the hub. Raises
     :class:`filelock.Timeout` or :class:`OSError`; the caller releases it.
@@ -286,7 +286,7 @@ def _remove_stale_temporaries(path: Path) -> None:
     A saver killed between creating its temporary file and unlinking it
     (SIGKILL, the OOM killer) leaves one behind. Its name never ends in
     ``.pem``, so nothing takes it for a reference; removing it at the next
-    save of the same reference keeps them from piling up (issue #7). Under
+    save of the same reference keeps them from piling up (docs/design.md, "Hostile clients"). Under
     the lock no live saver of this reference has one, but a file whose
     process still runs is left alone all the same.
     """

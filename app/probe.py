@@ -4,7 +4,7 @@ A probe opens a TCP connection, completes the TLS handshake and compares the
 certificate the instance presented with its reference file, then closes the
 connection. It sends no HTTP request and no credentials, and it never saves,
 replaces or deletes a reference: an instance seen for the first time stays
-"not yet pinned" until a request learns its certificate (DESIGN section 3).
+"not yet pinned" until a request learns its certificate (docs/design.md, "Reference certificates").
 
 Verdicts go to the instance's :class:`~app.health.Health`: unreachable is a
 failure (the instance is skipped for the cooldown), a certificate that

@@ -46,7 +46,7 @@ ENDPOINT = "forward"
 RELAY_CHUNK = 64 * 1024
 #: Bytes read from an instance per write to the client, at most. Each chunk
 #: costs a pass through urllib3, werkzeug and gunicorn and a send: a 1 MB
-#: answer in 64 KiB chunks spent about a tenth of its CPU on that (issue #6).
+#: answer in 64 KiB chunks spent about a tenth of its CPU on that.
 #: A small answer is read whole whatever this is (http.client stops at its
 #: Content-Length), so this only bounds the memory of a large one in flight.
 ANSWER_CHUNK = 256 * 1024
@@ -63,7 +63,7 @@ class RelayedResponse(Response):
 
         werkzeug copies the headers of every response to rewrite Location and
         Content-Location and to drop what 1xx, 204 and 304 answers must not
-        carry; an answer with none of those needs no copy (issue #6).
+        carry; an answer with none of those needs no copy.
         """
         status = self.status_code
         if 100 <= status < 200 or status in (204, 304):
@@ -120,7 +120,7 @@ def check_request() -> None:
         allow = sorted(exc.valid_methods or ())
         raise MethodNotAllowed(f"{request.method} is not allowed for this path; allowed: {', '.join(allow)}.", allow)
     # NotFound, and RequestRedirect: a trailing slash is a different path
-    # (DESIGN section 5), so werkzeug's slash redirect must not happen.
+    # (docs/design.md, "Which requests pass"), so werkzeug's slash redirect must not happen.
     if isinstance(exc, (RequestRedirect, HTTPException)) and exc.code in (404, 308):
         raise RequestNotAllowed(f"{request.method} {request.path} is not in AllowedRequests.")
 
@@ -130,7 +130,7 @@ def _match_shadowed() -> HTTPException | None:
 
     werkzeug answers /e/f with a redirect to /e/f/ as soon as a rule /e/f/
     exists, without trying a placeholder rule such as /e/{x} that matches
-    /e/f exactly (found by tests/test_fuzz.py, issue #7). The rules that do
+    /e/f exactly (found by tests/test_fuzz.py, docs/design.md, "Hostile clients"). The rules that do
     not end in '/' are matched again on their own.
     """
     adapter = current_app.extensions[SLASHLESS].bind_to_environ(request.environ)

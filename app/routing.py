@@ -3,7 +3,7 @@
 werkzeug matches rules against the *decoded* ``PATH_INFO``, in which ``%2F``
 already looks like ``/`` and ``%2E%2E`` like ``..``. An instance may decode
 differently, so every spelling that could mean another path is refused here,
-on the raw request target, before any rule is matched (DESIGN section 5).
+on the raw request target, before any rule is matched (docs/design.md, "Which requests pass").
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _FORBIDDEN_ANYWHERE = re.compile(r"[^\x21-\x7e]|#")
 # Characters RFC 3986 does not allow raw in a path or a query (sections 3.3
 # and 3.4: "[" and "]" are gen-delims, not pchar). urllib3 would
 # percent-encode them on the way out, so the instance would not see what the
-# client sent (DESIGN section 5): the client must encode them itself.
+# client sent (docs/design.md, "Which requests pass"): the client must encode them itself.
 _NOT_IN_URI = re.compile(r'["<>\\^`{|}\[\]]')
 
 

@@ -1,4 +1,4 @@
-"""The balancer's own paths under ``/_balancer/`` (DESIGN section 6): health and status, never forwarded.
+"""The balancer's own paths under ``/_balancer/`` (docs/design.md, "Reserved paths"): health and status, never forwarded.
 
 ::
 
@@ -7,7 +7,7 @@
 
 Served by a WSGI middleware in front of Flask rather than by rules in its
 ``url_map``: ``flask --app wsgi routes`` keeps listing exactly AllowedRequests
-(DESIGN section 2), and no rule, ``{name}`` placeholders included, can ever
+(docs/design.md, "Running"), and no rule, ``{name}`` placeholders included, can ever
 match a reserved path, whatever its spelling decodes to.
 
 Health is kept per worker process (each gunicorn worker has its own), so the

@@ -6,7 +6,7 @@ the email parser behind it also splits a line at a bare CR, so
 (RFC 9112 section 2.2 says a bare CR must be refused or replaced). Values with
 NUL or other control characters, and a ``Content-Length`` that is not one
 number, reach the server in front, which refuses to write them after the
-instance's answer has been taken (issue #7).
+instance's answer has been taken (docs/design.md, "Hostile clients").
 
 :class:`StrictHTTPResponse` checks every line of the head as it reads it,
 and the framing once the head is complete. It refuses the answer, which
@@ -22,7 +22,7 @@ reaches the client as 502 ``instance_failed``, when
 The field lines are split by :func:`_read_fields`, not by the email parser
 http.client uses: once every line is known to be ``token ":" value CRLF``,
 that parser has nothing left to decide, and it cost more than the rest of the
-head (issue #6). The fields come out as it would give them.
+head. The fields come out as it would give them.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Whether anything was sent is decided by *when* a failure happened, not by its
 type: every exception raised while a connection opens (TCP connect, TLS
 handshake, no certificate) leaves the connection as :class:`_NotConnected`,
 which is not an ``OSError`` and so travels through urllib3 and requests
-untouched (DESIGN section 7), and becomes :class:`NotSent`. Any other failure
+untouched (docs/design.md, "Traps"), and becomes :class:`NotSent`. Any other failure
 may have come after bytes of the request left: an ``SSLError`` while reading
 an answer must not let a POST be sent twice.
 """
@@ -103,7 +103,7 @@ class _Adapter(PinningAdapter):
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        # A new dict, never the shared one mutated (DESIGN section 7).
+        # A new dict, never the shared one mutated (docs/design.md, "Traps").
         self.poolmanager.pool_classes_by_scheme = {
             scheme: _reporting_pools(make_pool)
             for scheme, make_pool in self.poolmanager.pool_classes_by_scheme.items()
@@ -325,13 +325,13 @@ class Outgoing:
         The headers are a plain dict with the fields of a
         CaseInsensitiveDict built from ``headers`` (one name each, whatever
         its case): requests and urllib3 copy and walk it, and a plain dict
-        costs less to both (issue #6). requests looks ``Content-Length`` up
+        costs less to both. requests looks ``Content-Length`` up
         by that spelling, which :func:`~app.headers.request_headers` uses.
         """
         fields = dict(self._fields)
         fields["host"] = ("Host", upstream.host_header)
         # urllib3 would add a User-Agent and http.client an Accept-Encoding
-        # the client never sent (DESIGN section 5).
+        # the client never sent (docs/design.md, "Which requests pass").
         fields.setdefault("user-agent", ("User-Agent", SKIP_HEADER))
         fields.setdefault("accept-encoding", ("Accept-Encoding", SKIP_HEADER))
         prepared = PreparedRequest()

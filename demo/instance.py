@@ -85,9 +85,14 @@ class Handler(BaseHTTPRequestHandler):
             with server.log_lock, open(server.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    def _body(self) -> bytes:
+    def _body(self) -> bytes | None:
+        """The request body, or None when the client sent less than its Content-Length (nothing is done then)."""
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            self.close_connection = True
+            return None
+        return body
 
     def _send_json(self, status: int, payload: object) -> None:
         data = json.dumps(payload).encode()
@@ -101,6 +106,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
+        if body is None:
+            return  # a truncated request is not acted on, as a real server would not
         self._record(body)
         path = self.path.split("?", 1)[0]
         parts = path.split("/")
