@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.instance import make_self_signed  # noqa: E402
+from demo.run import free_port, wait_for_port  # noqa: E402
 
 WORK = ROOT / "bench" / ".run" / "hostile"
 REPORT = ROOT / "bench" / "results" / "hostile.md"
@@ -64,25 +65,6 @@ CONFIG = """<?xml version="1.0" encoding="utf-8"?>
   <Workers>2</Workers>
 </Config>
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"hostile: {what} exited with status {proc.returncode}; see {WORK}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"hostile: {what} did not listen on port {port}")
 
 
 class Probe:
@@ -220,14 +202,14 @@ def main() -> int:
                 cwd=ROOT, stdout=open(WORK / f"instance_{name}.log", "wb"), stderr=subprocess.STDOUT,
             )
             procs.append(proc)
-            wait_for_port(port, proc, f"instance {name}")
+            wait_for_port(port, proc, f"instance {name}", logs=WORK)
         balancer = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
             cwd=ROOT, env={**os.environ, "BALANCER_CONFIG": str(WORK / "kl_balancer.conf")},
             stdout=open(WORK / "balancer.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         procs.append(balancer)
-        wait_for_port(api_port, balancer, "the balancer")
+        wait_for_port(api_port, balancer, "the balancer", logs=WORK)
         time.sleep(1)
         results.append(under_attack(api_port, "none (baseline)", lambda: None))
         results.append(under_attack(

@@ -45,11 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30, logs: Path = WORK) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"demo: {what} exited with status {proc.returncode}; see {WORK}/*.log")
+            raise SystemExit(f"demo: {what} exited with status {proc.returncode}; see {logs}/*.log")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
