@@ -28,12 +28,10 @@ import ipaddress
 import os
 import pwd
 import re
-import ssl
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
-import urllib3.exceptions
 from flask import current_app
 from flask.cli import AppGroup
 
@@ -49,7 +47,7 @@ from .pins import (
     same_fingerprint,
     sha256,
 )
-from .pinning import PinningHTTPSConnection, unverified_context
+from . import pinning
 
 EXIT_DECLINED = 1
 EXIT_USAGE = 2
@@ -137,34 +135,11 @@ def parse_fingerprint(text: str) -> str:
 
 
 def presented_certificate(instance: InstanceSpec, timeout: float) -> bytes:
-    """DER of the certificate *instance* presents now: a TLS handshake, no request.
-
-    Uses the balancer's own connection class, with a pin check that only
-    records what it is shown: nothing is written.
-    """
-    seen: list[bytes] = []
-    conn = PinningHTTPSConnection(
-        instance.host, instance.api_port, timeout=timeout, ssl_context=unverified_context(), pin_check=seen.append
-    )
+    """DER of the certificate *instance* presents now: a TLS handshake, no request, nothing written."""
     try:
-        conn.connect()
-    except urllib3.exceptions.NameResolutionError as exc:
-        raise Unreachable(f"cannot resolve {instance.host}") from exc
-    except urllib3.exceptions.NewConnectionError as exc:
-        cause = exc.__cause__
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause or exc)
-        raise Unreachable(reason[:1].lower() + reason[1:]) from exc
-    except urllib3.exceptions.ConnectTimeoutError as exc:
-        raise Unreachable(f"no connection within the connect timeout ({timeout:g} s)") from exc
-    except TimeoutError as exc:
-        raise Unreachable(f"no TLS handshake within the connect timeout ({timeout:g} s)") from exc
-    except ssl.SSLError as exc:
-        raise Unreachable(f"TLS handshake failed ({exc.reason or exc})") from exc
-    except (OSError, urllib3.exceptions.HTTPError) as exc:
-        raise Unreachable(str(exc) or type(exc).__name__) from exc
-    finally:
-        conn.close()
-    return seen[0]
+        return pinning.presented_certificate(instance.host, instance.api_port, timeout)
+    except pinning.NotConnected as exc:
+        raise Unreachable(exc.reason) from exc
 
 
 def read_state(path: Path) -> tuple[bytes | None, str]:

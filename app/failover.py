@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Callable
 
-from .config import Timeouts
-from .errors import CertificateMismatch, InstanceError, InstanceTimeout
+from .config import Failover, Timeouts
+from .errors import BalancerError, CertificateMismatch, InstanceError, InstanceTimeout
 from .health import Ticket
-from .upstream import AfterSend, Answer, Balancer, NotSent, Outgoing
+from .upstream import AfterSend, Answer, Balancer, NotSent, Outgoing, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -63,84 +64,202 @@ class Deadline:
         self.connect_budget = max(self.connect_budget - seconds, 0.0)
 
 
+# -- what happened in one attempt, and what follows ------------------------------------------
+
+#: Outcomes of one attempt.
+NOT_SENT = "not sent"  # connection refused, connect or TLS failure: nothing left the balancer
+MISMATCH = "mismatch"  # the certificate differs from the reference: nothing was sent
+REFERENCE = "reference"  # the reference cannot be read or saved: nothing was sent
+DROPPED = "dropped"  # sent; the connection closed before any byte of an answer
+FAILED = "failed"  # sent; the answer was malformed or cut off
+TIMEOUT = "timeout"  # sent; no answer within the read timeout
+RETRY = "retry status"  # an answer in Failover retry_statuses
+ANSWER = "answer"  # any other answer
+
+#: Verdicts on the instance's health (app.health.Ticket).
+SUCCEEDED, FAILED_HEALTH, MISMATCHED, RELEASED, NOTED = "succeeded", "failed", "mismatched", "released", "noted"
+
+#: What the request does next.
+NEXT = "next instance"
+NEXT_THEN_SAME = "next instance, then the same over a new connection"
+FAIL = "fail"  # the client gets this attempt's error
+HOLD = "hold the answer, next instance"
+RELAY = "relay"
+RELAY_HELD = "relay the held answer"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str
+    action: str
+
+
+def decide(outcome: str, *, repeatable: bool, second_chance_used: bool, holding: bool, quarantine: bool) -> Decision:
+    """What an attempt's *outcome* says about the instance, and what the request does next.
+
+    The README's "What fails over" table, row by row. A request that reached
+    an instance goes to another only when it is *repeatable*. A connection
+    closed before any answer is the shape of a keep-alive race: once, it says
+    nothing about the instance and the request may try the same instance
+    again (*second_chance_used* says it already did). A malformed answer is
+    still an answer: the instance is reachable. A read timeout is not
+    retried, but an instance's own "try another" answer already *holding*
+    beats a 504 of ours.
+    """
+    if outcome == NOT_SENT:
+        return Decision(FAILED_HEALTH, NEXT)
+    if outcome == MISMATCH:
+        return Decision(MISMATCHED, NEXT if quarantine else FAIL)
+    if outcome == REFERENCE:
+        return Decision(NOTED, FAIL)
+    if outcome == DROPPED:
+        verdict = FAILED_HEALTH if second_chance_used else RELEASED
+        if not repeatable:
+            return Decision(verdict, FAIL)
+        return Decision(verdict, NEXT if second_chance_used else NEXT_THEN_SAME)
+    if outcome == FAILED:
+        return Decision(SUCCEEDED, NEXT if repeatable else FAIL)
+    if outcome == TIMEOUT:
+        return Decision(FAILED_HEALTH, RELAY_HELD if holding else FAIL)
+    if outcome == RETRY:
+        return Decision(SUCCEEDED, HOLD if repeatable else RELAY)
+    return Decision(SUCCEEDED, RELAY)
+
+
+@dataclass
+class Outcome:
+    """What one attempt produced: its kind, and the answer or the error and its reason."""
+
+    kind: str
+    answer: Answer | None = None
+    error: BalancerError | None = None
+    reason: str = ""
+
+
+class Attempt:
+    """One try of one instance, holding its ``scanners_count`` slot and health ticket.
+
+    Both go back on every way out of the ``with`` block, unless the slot went
+    with the answer (:meth:`run` made one whose body is still on the
+    connection: the answer gives it back when it is closed). The ticket takes
+    the first verdict only, so releasing it after a verdict does nothing.
+    """
+
+    def __init__(self, upstream: Upstream, ticket: Ticket) -> None:
+        self.upstream = upstream
+        self.ticket = ticket
+        self._holds_slot = True
+
+    def __enter__(self) -> "Attempt":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.ticket.release()
+        if self._holds_slot:
+            self._holds_slot = False
+            self.upstream.slots.release()
+
+    def run(self, outgoing: Outgoing, timeout: tuple[float, float], policy: Failover) -> Outcome:
+        """Send *outgoing* and classify what happened."""
+        upstream = self.upstream
+        try:
+            outgoing.rewind()
+            response = upstream.send(outgoing.prepare(upstream), timeout)
+            body = upstream.read_small(response, policy.buffer_bytes)
+        except NotSent as exc:
+            return Outcome(NOT_SENT, reason=exc.reason)
+        except CertificateMismatch as exc:
+            return Outcome(MISMATCH, error=exc, reason=f"certificate mismatch (received sha256 {exc.fields['received_sha256']})")
+        except InstanceError as exc:  # the reference cannot be read or saved: the pin check refused
+            return Outcome(REFERENCE, error=exc, reason=exc.code)
+        except AfterSend as exc:
+            kind = TIMEOUT if isinstance(exc.error, InstanceTimeout) else DROPPED if exc.dropped else FAILED
+            return Outcome(kind, error=exc.error, reason=exc.reason)
+        if body is None:
+            self._holds_slot = False  # the answer's body is still on the connection: its close() frees the slot
+        else:
+            upstream.slots.release()  # read whole: the slot and the connection go back now
+            self._holds_slot = False
+        answer = Answer(response, upstream, body, holds_slot=body is None)
+        kind = RETRY if response.status_code in policy.retry_statuses else ANSWER
+        return Outcome(kind, answer=answer)
+
+    def judge(self, verdict: str, reason: str) -> None:
+        ticket = self.ticket
+        if verdict == SUCCEEDED:
+            ticket.succeeded()
+        elif verdict == FAILED_HEALTH:
+            ticket.failed(reason)
+        elif verdict == MISMATCHED:
+            ticket.mismatched(reason)
+        elif verdict == NOTED:
+            ticket.health.noted(reason)
+            ticket.release()
+        else:
+            ticket.release()
+
+
+# -- one request through the instances -----------------------------------------------------
+
+
 def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer:
     """Send *outgoing* to the instances in turn until one answers, and return the answer to relay.
 
     *repeatable* says that the request may reach a second instance after a
-    first one received it (the method or the configuration allows it, and
-    its body is held). Raises the :class:`~app.errors.BalancerError` the
+    first one received it. Raises the :class:`~app.errors.BalancerError` the
     client must get when no answer can be relayed.
     """
     policy = balancer.config.failover
     deadline = Deadline(balancer.config.timeouts)
-    queue = balancer.candidates()
-    reasons: list[str] = []
+    queue = balancer.selection.queue()
+    quarantine = policy.on_mismatch == "failover"
     held: Answer | None = None  # a "try another instance" answer, relayed if nothing better comes
-    failure: InstanceError | None = None  # what the last instance that received the request did
+    failure: BalancerError | None = None  # what the last instance that received the request did
     second_chances: set[int] = set()
     try:
-        while True:
-            choice = balancer.take(queue, deadline.queue_end, reasons, deadline.clock)
-            if choice is None:
-                break
+        while (choice := queue.take(deadline.queue_end, deadline.clock)) is not None:
             upstream, ticket = choice
-            connect, read = deadline.attempt(balancer.admissible(queue))
-            if connect <= 0 or read <= 0:
-                ticket.release()
-                upstream.slots.release()
-                reasons.append("the request's deadline (Timeouts total or connect) passed")
-                break
-            started = deadline.clock()
-            try:
-                outgoing.rewind()
-                response = upstream.send(outgoing.prepare(upstream), (connect, read))
-                body = upstream.read_small(response, policy.buffer_bytes)
-            except NotSent as exc:
-                deadline.spent_connecting(deadline.clock() - started)
-                upstream.slots.release()
-                ticket.failed(exc.reason)
-                log.info("instance %s not reached (%s); trying the next", upstream.spec.name, exc.reason)
-                reasons.append(f"{upstream.spec.name}: {exc.reason}")
-                continue
-            except CertificateMismatch as exc:
-                deadline.spent_connecting(deadline.clock() - started)
-                upstream.slots.release()
-                ticket.mismatched(f"certificate mismatch (received sha256 {exc.fields['received_sha256']})")
-                if policy.on_mismatch != "failover":
-                    raise
-                reasons.append(f"{upstream.spec.name}: certificate mismatch")
-                continue
-            except AfterSend as exc:
-                upstream.slots.release()
-                retried = id(upstream) in second_chances
-                _judge(ticket, exc, retried)
-                if held is not None and isinstance(exc.error, InstanceTimeout):
-                    break  # an instance's own "try another" answer beats a 504 of ours
-                if not repeatable or isinstance(exc.error, InstanceTimeout):
-                    raise exc.error from exc
-                failure = exc.error
-                if exc.dropped and not retried:
+            with Attempt(upstream, ticket) as attempt:
+                connect, read = deadline.attempt(queue.admissible())
+                if connect <= 0 or read <= 0:
+                    queue.reasons.append("the request's deadline (Timeouts total or connect) passed")
+                    break
+                started = deadline.clock()
+                outcome = attempt.run(outgoing, (connect, read), policy)
+                if outcome.kind in (NOT_SENT, MISMATCH):
+                    deadline.spent_connecting(deadline.clock() - started)
+                used = id(upstream) in second_chances
+                decision = decide(
+                    outcome.kind, repeatable=repeatable, second_chance_used=used, holding=held is not None,
+                    quarantine=quarantine,
+                )
+                attempt.judge(decision.verdict, outcome.reason)
+                action = decision.action
+                if action == RELAY:
+                    assert outcome.answer is not None
+                    _discard(held)
+                    held = None
+                    return outcome.answer
+                if action == HOLD:
+                    log.info("instance %s answered %s; trying another instance", upstream.name, outcome.answer.response.status_code)  # type: ignore[union-attr]
+                    _discard(held)
+                    held = outcome.answer
+                    continue
+                if action == RELAY_HELD:
+                    break
+                if action == FAIL:
+                    assert outcome.error is not None
+                    raise outcome.error
+                # NEXT, NEXT_THEN_SAME
+                if outcome.kind in (NOT_SENT, MISMATCH):
+                    log.info("instance %s not reached (%s); trying the next", upstream.name, outcome.reason)
+                    queue.reasons.append(f"{upstream.name}: {outcome.reason}" if outcome.kind == NOT_SENT else f"{upstream.name}: certificate mismatch")
+                else:
+                    failure = outcome.error
+                    log.info("instance %s failed after the request was sent (%s); trying the next", upstream.name, outcome.reason)
+                if action == NEXT_THEN_SAME:
                     second_chances.add(id(upstream))
-                    queue.append(upstream)
-                log.info("instance %s failed after the request was sent (%s); trying the next", upstream.spec.name, exc.reason)
-                continue
-            except BaseException as exc:
-                if isinstance(exc, InstanceError):  # reference unreadable or unsaved
-                    ticket.health.noted(exc.code)
-                ticket.release()
-                upstream.slots.release()
-                raise
-            ticket.succeeded()
-            answer = Answer(response, upstream, body)
-            if body is not None:
-                answer.close()  # read whole: the slot and the connection go back now
-            if repeatable and response.status_code in policy.retry_statuses:
-                log.info("instance %s answered %s; trying another instance", upstream.spec.name, response.status_code)
-                _discard(held)
-                held = answer
-                continue
-            _discard(held)
-            return answer
+                    queue.again(upstream)
     except BaseException:
         _discard(held)
         raise
@@ -148,24 +267,7 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
         return held
     if failure is not None:
         raise failure
-    raise balancer.no_instance(reasons)
-
-
-def _judge(ticket: Ticket, exc: AfterSend, retried: bool) -> None:
-    """What a failure after sending says about the instance's health.
-
-    A read timeout is a failure. A connection closed with no answer is one
-    only when it happens again on the second chance: once, it is the shape
-    of a keep-alive race. A malformed answer is still an answer: the
-    instance is reachable, and one bad endpoint must not take it out of
-    rotation for every request.
-    """
-    if isinstance(exc.error, InstanceTimeout) or (exc.dropped and retried):
-        ticket.failed(exc.reason)
-    elif exc.dropped:
-        ticket.release()
-    else:
-        ticket.succeeded()
+    raise balancer.no_instance(queue.reasons)
 
 
 def _discard(answer: Answer | None) -> None:
@@ -175,4 +277,4 @@ def _discard(answer: Answer | None) -> None:
     try:
         answer.close()
     except Exception as exc:  # the connection is dropped either way
-        log.debug("closing a discarded answer of %s failed: %s", answer.upstream.spec.name, exc)
+        log.debug("closing a discarded answer of %s failed: %s", answer.upstream.name, exc)

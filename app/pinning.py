@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 import ssl
 from typing import Any, Callable
 
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from requests.models import PreparedRequest, Response
 from urllib3.connection import HTTPSConnection
@@ -40,8 +42,45 @@ log = logging.getLogger(__name__)
 PinCheck = Callable[[bytes], object]
 
 
+class NotConnected(Exception):
+    """The connection could not be opened (TCP connect or TLS handshake): nothing was sent.
+
+    ``reason`` says how in a few words (:func:`describe_connect`); ``__cause__``
+    is the library's exception. Not an ``OSError``: raised from ``connect()``
+    it travels through urllib3 and requests untouched (docs/design.md,
+    "Traps"), so the caller knows for certain that no request byte left.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def describe_connect(exc: BaseException, timeout: float | None) -> str:
+    """Why a connection could not be opened, in a few words; the one wording of every such failure."""
+    limit = f" ({timeout:g} s)" if timeout is not None else ""
+    if isinstance(exc, urllib3.exceptions.NameResolutionError) or isinstance(exc, socket.gaierror):
+        return "host name not resolved"
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):  # a subclass of ConnectTimeoutError
+        exc = exc.__cause__ or exc
+    elif isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return f"no connection within the connect timeout{limit}"
+    if isinstance(exc, TimeoutError):
+        return f"no TLS handshake within the connect timeout{limit}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
+
+
 class PinningHTTPSConnection(HTTPSConnection):
-    """An HTTPS connection that refuses to exist unless its peer matches the pin."""
+    """An HTTPS connection that refuses to exist unless its peer matches the pin.
+
+    ``connect()`` raises :class:`NotConnected` when the peer cannot be
+    reached, and the pin check's own :class:`~app.errors.BalancerError` when
+    it refuses the peer; both before any request byte.
+    """
 
     #: Answers are read by a strict parser: a head that could be read in more
     #: than one way must not be relayed (docs/design.md, "Hostile clients").
@@ -55,7 +94,11 @@ class PinningHTTPSConnection(HTTPSConnection):
 
     def connect(self) -> None:
         self.pinned = None
-        super().connect()
+        try:
+            super().connect()
+        except Exception as exc:
+            self.close()
+            raise NotConnected(describe_connect(exc, _seconds(self.timeout))) from exc
         try:
             der = self.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
             if not der:
@@ -94,6 +137,26 @@ class PinningHTTPSConnectionPool(HTTPSConnectionPool):
             log.debug("closing a connection to %s:%s checked against a replaced reference", self.host, self.port)
             conn.close()
         return conn
+
+
+def presented_certificate(host: str, port: int, timeout: float, context: ssl.SSLContext | None = None) -> bytes:
+    """DER of the certificate *host*:*port* presents now: a TLS handshake, no request, nothing saved.
+
+    Raises :class:`NotConnected`. Used by the probes and the ``pins`` commands.
+    """
+    seen: list[bytes] = []
+    conn = PinningHTTPSConnection(
+        host, port, timeout=timeout, ssl_context=context or unverified_context(), pin_check=seen.append
+    )
+    try:
+        conn.connect()
+    finally:
+        conn.close()
+    return seen[0]
+
+
+def _seconds(timeout: object) -> float | None:
+    return float(timeout) if isinstance(timeout, (int, float)) else None
 
 
 def unverified_context() -> ssl.SSLContext:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
-import ssl
 import threading
 import time
 
+from .pinning import NotConnected, presented_certificate
 from .pins import NotACertificate, read_reference, same_fingerprint, sha256
-from .upstream import Balancer, Upstream, describe_connect
+from .upstream import Balancer, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,9 @@ def probe(balancer: Balancer, upstream: Upstream) -> str:
     """Probe *upstream* once, record the verdict in its health, and return the state it is in."""
     spec, health = upstream.spec, upstream.health
     try:
-        der = _peer_certificate(spec.host, spec.api_port, balancer.config.timeouts.connect, balancer.ssl_context)
-    except OSError as exc:
-        health.failed(f"probe: {describe_connect(exc)}")
+        der = presented_certificate(spec.host, spec.api_port, balancer.config.timeouts.connect, balancer.ssl_context)
+    except NotConnected as exc:
+        health.failed(f"probe: {exc.reason}")
         return health.state
     path = balancer.store.path_for(spec)
     try:
@@ -87,13 +86,3 @@ def probe(balancer: Balancer, upstream: Upstream) -> str:
         return health.state
     health.succeeded()
     return health.state
-
-
-def _peer_certificate(host: str, port: int, timeout: float, context: ssl.SSLContext) -> bytes:
-    """DER of the certificate *host*:*port* presents in a TLS handshake; OSError when there is none."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        with context.wrap_socket(sock, server_hostname=host) as tls:
-            der = tls.getpeercert(binary_form=True)
-    if not der:
-        raise ssl.SSLError("the instance presented no certificate")
-    return der

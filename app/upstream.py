@@ -1,11 +1,12 @@
-"""The hop to the instances: one pinned requests session per instance, which instance may take a
+"""The hop to the instances: one pinning adapter per instance, which instance may take a
 request now, and the one place where requests' and urllib3's exceptions become balancer errors.
 
 Whether anything was sent is decided by *when* a failure happened, not by its
 type: every exception raised while a connection opens (TCP connect, TLS
-handshake, no certificate) leaves the connection as :class:`_NotConnected`,
-which is not an ``OSError`` and so travels through urllib3 and requests
-untouched (docs/design.md, "Traps"), and becomes :class:`NotSent`. Any other failure
+handshake, no certificate) leaves the connection as
+:class:`~app.pinning.NotConnected`, which is not an ``OSError`` and so travels
+through urllib3 and requests untouched (docs/design.md, "Traps"), and becomes
+:class:`NotSent`. Any other failure
 may have come after bytes of the request left: an ``SSLError`` while reading
 an answer must not let a POST be sent twice.
 """
@@ -14,14 +15,11 @@ from __future__ import annotations
 
 import functools
 import http.client
-import itertools
 import logging
-import math
-import random
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable
+from typing import IO
 
 import requests
 import urllib3
@@ -33,8 +31,9 @@ from .buffering import DiskBudget
 from .config import Config, InstanceSpec
 from .errors import BalancerError, InstanceError, InstanceFailed, InstanceTimeout, NoInstanceAvailable
 from .headers import host_header
-from .health import Health, Ticket
-from .pinning import PinningAdapter, unverified_context
+from .health import Health
+from .selection import Selection, Slots
+from .pinning import NotConnected, PinningAdapter, unverified_context
 from .pins import PinStore
 
 log = logging.getLogger(__name__)
@@ -64,108 +63,31 @@ class AfterSend(Exception):
         self.dropped = dropped
 
 
-# -- connections that say when they failed ---------------------------------------------
-
-
-class _NotConnected(Exception):
-    """Opening a connection failed; ``__cause__`` says how. Not an OSError (see the module docstring)."""
-
-
-@functools.cache
-def _reporting(connection_cls: type) -> type:
-    """A subclass of *connection_cls* whose ``connect()`` failures are :class:`_NotConnected`."""
-
-    def connect(self: Any) -> None:
-        try:
-            super(cls, self).connect()
-        except BalancerError:
-            raise  # the pin check's own refusal (mismatch, unreadable or unsaved reference)
-        except Exception as exc:
-            raise _NotConnected(str(exc)) from exc
-
-    cls = type(f"Reporting{connection_cls.__name__}", (connection_cls,), {"connect": connect})
-    return cls
-
-
-def _reporting_pools(make_pool: Callable[..., Any]) -> Callable[..., Any]:
-    """*make_pool*, with the pool's connection class replaced by its :func:`_reporting` subclass."""
-
-    def make(*args: Any, **kwargs: Any) -> Any:
-        pool = make_pool(*args, **kwargs)
-        pool.ConnectionCls = _reporting(pool.ConnectionCls)
-        return pool
-
-    return make
-
-
-class _Adapter(PinningAdapter):
-    """The pinning adapter, whatever pools it builds, with connections that report connect failures."""
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        # A new dict, never the shared one mutated (docs/design.md, "Traps").
-        self.poolmanager.pool_classes_by_scheme = {
-            scheme: _reporting_pools(make_pool)
-            for scheme, make_pool in self.poolmanager.pool_classes_by_scheme.items()
-        }
-
-
 # -- one instance --------------------------------------------------------------------------
 
 
-class Slots:
-    """``scanners_count``: the requests one worker has in flight to one instance.
-
-    Releasing a slot wakes the requests waiting for one of any instance
-    (*freed* is shared by all instances of a worker).
-    """
-
-    def __init__(self, count: int, freed: threading.Condition) -> None:
-        self.count = count
-        self.in_flight = 0
-        self._freed = freed
-
-    def try_acquire(self) -> bool:
-        with self._freed:
-            if self.in_flight >= self.count:
-                return False
-            self.in_flight += 1
-            return True
-
-    def release(self) -> None:
-        with self._freed:
-            self.in_flight -= 1
-            self._freed.notify_all()
-
-
 class Upstream:
-    """One instance: its session with the pinning adapter, its in-flight cap and its health.
+    """One instance: its pinning adapter, its in-flight cap and its health.
 
-    Requests are sent with the adapter's ``send()``, not ``Session.send()``:
-    the latter reads (and decodes) the body of every 3xx answer even when
-    redirects are not followed, and stores the instance's cookies in a jar
-    shared by all clients. The session only carries the mount, on the
-    instance's URL with the trailing slash (``https://host:port`` would also
-    match ``https://host:port0``).
+    Requests are sent with the adapter's ``send()``, never through a
+    ``requests.Session``: ``Session.send()`` reads (and decodes) the body of
+    every 3xx answer even when redirects are not followed, and stores the
+    instance's cookies in a jar shared by all clients.
     """
 
     def __init__(
         self, spec: InstanceSpec, store: PinStore, config: Config, ssl_context: ssl.SSLContext, freed: threading.Condition
     ) -> None:
         self.spec = spec
+        self.name = spec.name
         #: Per-request constants of this instance: its Host header and the URL a target is appended to.
         self.host_header = host_header(spec.host, spec.api_port)
         self.url_prefix = spec.base_url[:-1]
-        self.session = requests.Session()
-        self.session.trust_env = False
-        adapter = _Adapter(
+        self.adapter = PinningAdapter(
             lambda der: store.check(spec, der),
             pool_maxsize=config.balancer.scanners_count,
             ssl_context=ssl_context,
         )
-        self.session.mount(spec.base_url, adapter)
-        self.adapter = self.session.get_adapter(spec.base_url)
-        assert isinstance(self.adapter, PinningAdapter)
         self.slots = Slots(config.balancer.scanners_count, freed)
         self.health = Health(
             spec.host,
@@ -183,8 +105,8 @@ class Upstream:
         """
         try:
             return self.adapter.send(prepared, stream=True, timeout=_timeout(*timeout), verify=False)
-        except _NotConnected as exc:
-            raise NotSent(self.spec, describe_connect(exc.__cause__)) from exc
+        except NotConnected as exc:
+            raise NotSent(self.spec, exc.reason) from exc
         except BalancerError:
             raise
         except requests.RequestException as exc:
@@ -219,10 +141,6 @@ class Upstream:
             )
             raise AfterSend(error, reason, dropped=False) from exc
 
-    def close(self) -> None:
-        self.session.close()
-
-
 @functools.lru_cache(maxsize=256)
 def _timeout(connect: float, read: float) -> urllib3.Timeout:
     """urllib3's Timeout for (connect, read), built once per pair rather than per request.
@@ -234,13 +152,9 @@ def _timeout(connect: float, read: float) -> urllib3.Timeout:
     return urllib3.Timeout(connect=connect, read=read)
 
 
-def translate(spec: InstanceSpec, exc: requests.RequestException) -> NotSent | AfterSend:
-    """The balancer's view of a requests exception raised after the connection opened."""
+def translate(spec: InstanceSpec, exc: requests.RequestException) -> AfterSend:
+    """The balancer's view of a requests exception raised once the connection was open."""
     reason = _innermost(exc)
-    if isinstance(reason, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
-        # Raised by urllib3 only while connecting; kept in case a connection
-        # class ever bypasses _reporting.
-        return NotSent(spec, describe_connect(reason))
     if isinstance(exc, requests.ReadTimeout):
         error: InstanceError = InstanceTimeout(
             f"The instance {spec.name} did not answer in time.", spec.host, spec.api_port
@@ -273,21 +187,6 @@ def _innermost(exc: BaseException) -> BaseException:
         else:
             break
     return seen
-
-
-def describe_connect(reason: BaseException | None) -> str:
-    """Why a connection could not be opened, in a few words."""
-    if isinstance(reason, urllib3.exceptions.NameResolutionError):
-        return "host name not resolved"
-    if isinstance(reason, urllib3.exceptions.NewConnectionError):
-        return "connection failed"
-    if isinstance(reason, (urllib3.exceptions.ConnectTimeoutError, TimeoutError)):
-        return "connection timed out"
-    if isinstance(reason, ssl.SSLError):
-        return "TLS handshake failed"
-    if isinstance(reason, OSError):
-        return "connection failed"
-    return type(reason).__name__
 
 
 def _describe(reason: BaseException) -> str:
@@ -355,10 +254,13 @@ class Answer:
     (:meth:`Upstream.read_small`), else None: it is then still on the connection.
     """
 
-    def __init__(self, response: requests.Response, upstream: Upstream, body: bytes | None = None) -> None:
+    def __init__(
+        self, response: requests.Response, upstream: Upstream, body: bytes | None = None, holds_slot: bool = True
+    ) -> None:
         self.response = response
         self.upstream = upstream
         self.body = body
+        self._holds_slot = holds_slot
         self._open = True
 
     def close(self) -> None:
@@ -368,14 +270,15 @@ class Answer:
         try:
             self.response.close()
         finally:
-            self.upstream.slots.release()
+            if self._holds_slot:
+                self.upstream.slots.release()
 
 
 # -- the instances of one worker ------------------------------------------------------------
 
 
 class Balancer:
-    """The enabled instances of one configuration, in turn, as one worker sees them."""
+    """The enabled instances of one configuration, as one worker sees them."""
 
     def __init__(self, config: Config, store: PinStore) -> None:
         self.config = config
@@ -386,77 +289,16 @@ class Balancer:
         self.upstreams = [
             Upstream(spec, store, config, self.ssl_context, self.freed) for spec in config.enabled_instances
         ]
-        # Each worker starts at a random place in the turn, so that workers
-        # that see little traffic do not all send their first requests to
-        # the first instance.
-        self._turn = itertools.count(random.randrange(max(len(self.upstreams), 1)))
+        self.selection = Selection(self.upstreams, self.freed)
         #: Set by app.probe once this worker's probe loops run.
         self.probing = False
         #: Disk this worker may fill with held bodies and answers (Limits spool_bytes).
         self.disk = DiskBudget(config.limits.spool_bytes)
 
-    def candidates(self) -> list[Upstream]:
-        """Every enabled instance once, starting with the next in turn."""
-        n = len(self.upstreams)
-        if not n:
-            return []
-        start = next(self._turn) % n
-        return [self.upstreams[(start + i) % n] for i in range(n)]
-
-    def take(
-        self, queue: list[Upstream], wait_until: float, reasons: list[str], clock: Callable[[], float]
-    ) -> tuple[Upstream, Ticket] | None:
-        """Remove and return the first instance of *queue* that may take a request now, with its ticket.
-
-        Instances being skipped (cooling down, quarantined, trial in flight)
-        leave the queue. When every remaining one has ``scanners_count``
-        requests in flight, waits for a slot until *wait_until*; None when
-        nothing is left or the wait is over.
-        """
-        with self.freed:
-            while True:
-                busy = []
-                for upstream in list(queue):
-                    if not upstream.health.admissible():
-                        queue.remove(upstream)
-                        reasons.append(f"{upstream.spec.name} is {upstream.health.state}")
-                        continue
-                    if not upstream.slots.try_acquire():
-                        busy.append(upstream)
-                        continue
-                    ticket = upstream.health.admit()
-                    if ticket is None:  # another thread took the trial meanwhile
-                        upstream.slots.release()
-                        continue
-                    queue.remove(upstream)
-                    return upstream, ticket
-                left = wait_until - clock()
-                if not busy or left <= 0:
-                    for upstream in busy:
-                        queue.remove(upstream)
-                        reasons.append(
-                            f"{upstream.spec.name} has {upstream.slots.count} requests in flight (scanners_count)"
-                        )
-                    return None
-                self.freed.wait(left)
-
-    @staticmethod
-    def admissible(queue: list[Upstream]) -> int:
-        """How many instances of *queue* could still be tried."""
-        return sum(1 for upstream in queue if upstream.health.admissible())
-
     def no_instance(self, reasons: list[str]) -> NoInstanceAvailable:
         """503 listing *reasons*, with a Retry-After for when an instance may take requests again."""
         detail = "; ".join(dict.fromkeys(reasons)) if reasons else "no instance is enabled"
-        waits = [u.health.retry_in() for u in self.upstreams]
-        if not waits:
-            seconds = self.config.failover.cooldown
-        elif min(waits) == 0:
-            seconds = 1.0  # an instance may take requests now: busy, or this request ran out of time
-        else:
-            seconds = min(waits)  # every instance is skipped: until the first cooldown ends
-        return NoInstanceAvailable(f"No instance could take the request: {detail}.", retry_after=max(1, math.ceil(seconds)))
-
-    def close(self) -> None:
-        for upstream in self.upstreams:
-            upstream.close()
+        return NoInstanceAvailable(
+            f"No instance could take the request: {detail}.",
+            retry_after=self.selection.retry_after(self.config.failover.cooldown),
+        )

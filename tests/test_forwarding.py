@@ -212,7 +212,7 @@ def test_instance_down_gives_503_with_retry_after(tmp_path, start_balancer):
     assert resp.header("Content-Type") == "application/json"
     body = resp.json()
     assert body["error"] == "no_instance_available"
-    assert "connection failed" in body["description"]
+    assert "connection refused" in body["description"]
     assert not (tmp_path / "certs").exists() or not list((tmp_path / "certs").glob("*.pem"))
 
 

@@ -475,3 +475,17 @@ def test_server_header_names_the_balancer(tmp_path, instance, start_balancer):
     balancer = start_balancer(write_config(tmp_path, [instance], ALLOWED))
     resp = get(balancer.port, SUPPLIERS)
     assert resp.all("Server") == ["ctbalancer"]
+
+
+def test_invalid_requests_cost_one_short_log_line_each(tmp_path, instance, start_balancer):
+    """gunicorn quoted a whole invalid header (up to 4 KB) in its log; here each refusal is one line of bounded length."""
+    balancer = start_balancer(write_config(tmp_path, [instance], ALLOWED))
+    before = balancer.log()
+    for _ in range(50):
+        resp = raw_request(balancer.port, b"GET / HTTP/1.1\r\nHost: x\r\nBad\x01" + b"N" * 4000 + b": v\r\n\r\n")
+        assert resp.status == 400
+        assert resp.json()["error"] == "invalid_request"
+    time.sleep(0.3)
+    added = balancer.log()[len(before):].splitlines()
+    assert len(added) == 50, added[:3]
+    assert all(len(line) < 400 and "invalid request from 127.0.0.1:" in line for line in added), added[0]

@@ -101,7 +101,7 @@ def test_health_and_status_answer_exact_json_per_worker(tmp_path, make_instance,
             entry("127.0.0.1", up.port, 9001, certs / "127.0.0.1_9001.pem", reference_sha256=sha256(up.der)),
             entry(
                 "127.0.0.1", refused, 9002, certs / "127.0.0.1_9002.pem", state="cooling down",
-                last_error="connection failed", last_error_at=failed_at,
+                last_error="connection refused", last_error_at=failed_at,
             ),
             entry(
                 "127.0.0.1", disabled, 9003, certs / "127.0.0.1_9003.pem", enabled=False, state="disabled",
@@ -197,13 +197,13 @@ def test_probe_finds_a_dead_instance_without_any_request_and_sees_it_come_back(t
     down = wait_for(
         lambda: (s := status(balancer.port)["instances"][0])["state"] == "cooling down" and s, 5, "probe marks it down"
     )
-    assert down["last_error"] == "probe: connection failed"
+    assert down["last_error"] == "probe: connection refused"
     inst.restart()
     # The cooldown is 60 s: only a probe can bring it back this soon.
     wait_for(lambda: status(balancer.port)["instances"][0]["state"] == "not yet pinned", 5, "probe brings it back")
     log = balancer.log()
-    assert f"instance 127.0.0.1:{port} is down (probe: connection failed); skipping it for 60 s" in log
-    assert f"instance 127.0.0.1:{port} is back up (it was cooling down: probe: connection failed)" in log
+    assert f"instance 127.0.0.1:{port} is down (probe: connection refused); skipping it for 60 s" in log
+    assert f"instance 127.0.0.1:{port} is back up (it was cooling down: probe: connection refused)" in log
     # A probe never learns: still no reference file, and no HTTP request reached the instance.
     assert not (tmp_path / "certs").exists()
     assert inst.requests == []
