@@ -41,7 +41,7 @@ from .pins import (
     TRUST_COMMAND,
     delete_reference,
     pem_to_der,
-    read_reference,
+    inspect_reference,
     reference_lock,
     replace_reference,
     same_fingerprint,
@@ -144,14 +144,10 @@ def presented_certificate(instance: InstanceSpec, timeout: float) -> bytes:
 
 def read_state(path: Path) -> tuple[bytes | None, str]:
     """(DER or None, state) of the reference at *path*: pinned, not yet pinned, unreadable: reason."""
-    try:
-        return read_reference(path), "pinned"
-    except (FileNotFoundError, NotADirectoryError):
-        return None, "not yet pinned"
-    except NotACertificate as exc:
-        return None, f"unreadable: {exc}"
-    except OSError as exc:
-        return None, f"unreadable: {exc.strerror or exc}"
+    der, problem = inspect_reference(path)
+    if problem is not None:
+        return None, f"unreadable: {problem}"
+    return der, "pinned" if der is not None else "not yet pinned"
 
 
 def reference_files(cert_dir: Path) -> list[Path]:

@@ -25,12 +25,23 @@ None of these derives from :class:`OSError`: raised from
 untouched (docs/design.md, "Traps"), so the pin check can refuse a connection and
 still reach the client as its own 500.
 
-This module is pure: rendering to a Flask response lives in ``app.proxy``.
+Errors render themselves, as werkzeug's do (:meth:`BalancerError.get_response`):
+every answer the balancer writes itself, from the Flask blueprint, the
+``/_balancer/`` pages or the worker's refusals, is :func:`json_body` of the
+same fields.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from werkzeug.wrappers import Response
+
+
+def json_body(fields: dict[str, Any]) -> bytes:
+    """The one JSON rendering of the balancer's own answers: keys in the order written, one line."""
+    return json.dumps(fields).encode() + b"\n"
 
 
 class BalancerError(Exception):
@@ -55,6 +66,15 @@ class BalancerError(Exception):
     def headers(self) -> list[tuple[str, str]]:
         """Extra response headers (``Allow``, ``Retry-After``)."""
         return []
+
+    def get_response(self) -> Response:
+        """This error as the answer the client gets: status, JSON body, extra headers."""
+        response = Response(json_body(self.body()), status=self.status, mimetype="application/json")
+        for name, value in self.headers():
+            response.headers[name] = value
+        if self.closes_connection:
+            response.headers["Connection"] = "close"  # for servers that read it (flask run)
+        return response
 
 
 class RequestRefused(BalancerError):

@@ -34,8 +34,6 @@ def create_app(config: Config | None = None) -> Flask:
             raise SystemExit(f"ctbalancer: configuration error: {exc}") from None
     app = Flask(__name__, static_folder=None)
     app.config["BALANCER"] = config
-    # Keys in the order written: error bodies read code, description, then details.
-    app.json.sort_keys = False  # type: ignore[attr-defined]
     install(app, config, Balancer(config, PinStore(config.cert_dir)))
     app.cli.add_command(pins)
     for loose in loose_permissions(config.cert_dir):

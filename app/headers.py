@@ -64,23 +64,11 @@ def _listed(values: Iterable[str]) -> set[str]:
     return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
 
 
-def hop_by_hop(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
-    """Lower-cased names that concern this hop only, for this message."""
-    return HOP_BY_HOP | _listed(value for name, value in headers if name.lower() == "connection")
-
-
 def _keyed(headers: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str, str]], frozenset[str] | set[str]]:
     """(lower-cased name, name, value) of each header, and the names its Connection headers list."""
     keyed = [(name.lower(), name, value) for name, value in headers]
     connection = [value for key, _, value in keyed if key == "connection"]
     return keyed, (_listed(connection) if connection else frozenset())
-
-
-def end_to_end(headers: Iterable[tuple[str, str]], also_drop: frozenset[str] = frozenset()) -> Headers:
-    """The headers that travel past this hop, in order, duplicates kept."""
-    keyed, listed = _keyed(headers)
-    drop = HOP_BY_HOP | also_drop | listed
-    return [(name, value) for key, name, value in keyed if key not in drop]
 
 
 def request_headers(

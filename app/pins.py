@@ -174,6 +174,22 @@ def read_reference(path: Path) -> bytes:
     return _read_signed(path)[0]
 
 
+def inspect_reference(path: Path) -> tuple[bytes | None, str | None]:
+    """(DER, None) for a usable reference, (None, None) when there is none, (None, why) when it cannot be used.
+
+    The one classification of a reference file, shared by the status page,
+    the probes and the ``pins`` commands.
+    """
+    try:
+        return read_reference(path), None
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except NotACertificate as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
+
+
 def _read_signed(path: Path) -> tuple[bytes, Signature]:
     """DER of the reference at *path* and the signature of the file version read."""
     with open(path, "rb") as f:

@@ -24,7 +24,7 @@ import threading
 import time
 
 from .pinning import NotConnected, presented_certificate
-from .pins import NotACertificate, read_reference, same_fingerprint, sha256
+from .pins import inspect_reference, same_fingerprint, sha256
 from .upstream import Balancer, Upstream
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,13 @@ def probe(balancer: Balancer, upstream: Upstream) -> str:
         health.failed(f"probe: {exc.reason}")
         return health.state
     path = balancer.store.path_for(spec)
-    try:
-        reference = read_reference(path)
-    except (FileNotFoundError, NotADirectoryError):
+    reference, problem = inspect_reference(path)
+    if problem is not None:
+        health.noted(f"probe: reference certificate {path} unusable: {problem}")
+        return health.state
+    if reference is None:
         # Nothing to compare with, and a probe never learns: the first request will.
         health.succeeded()
-        return health.state
-    except (NotACertificate, OSError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        health.noted(f"probe: reference certificate {path} unusable: {reason}")
         return health.state
     expected, received = sha256(reference), sha256(der)
     if not same_fingerprint(expected, received):

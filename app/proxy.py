@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Iterator
 
-from flask import Blueprint, Flask, Request, Response, current_app, g, jsonify, request
+from flask import Blueprint, Flask, Request, Response, current_app, g, request
 from urllib3.exceptions import HTTPError as Urllib3Error
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
@@ -28,6 +28,7 @@ from .errors import (
     RequestBodyInvalid,
     RequestNotAllowed,
     RequestTooLarge,
+    json_body,
 )
 from .headers import request_headers, response_headers, valid_host
 from .status import ReservedPaths
@@ -286,24 +287,19 @@ def _chunks(answer: Answer) -> Iterator[bytes]:
 
 
 def render_error(exc: BalancerError) -> Response:
-    response = jsonify(exc.body())
-    response.status_code = exc.status
-    for name, value in exc.headers():
-        response.headers[name] = value
+    response = exc.get_response()
     if exc.closes_connection:
-        response.headers["Connection"] = "close"  # for servers that read it (flask run)
         close = getattr(request.environ.get("gunicorn.socket"), "close_after_response", None)
         if close is not None:  # app.worker's socket: gunicorn ignores an application's Connection header
             close()
-    return response
+    return response  # type: ignore[return-value]
 
 
 def render_http_exception(exc: HTTPException) -> Response:
     """werkzeug's own errors (malformed requests) as JSON too."""
     name = (exc.name or "error").lower().replace(" ", "_")
-    response = jsonify({"error": name, "description": exc.description or exc.name})
-    response.status_code = exc.code or 500
-    return response
+    body = json_body({"error": name, "description": exc.description or exc.name})
+    return Response(body, status=exc.code or 500, mimetype="application/json")
 
 
 def install(app: Flask, config: Config, balancer: Balancer) -> None:

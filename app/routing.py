@@ -9,12 +9,11 @@ on the raw request target, before any rule is matched (docs/design.md, "Which re
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Mapping
 from urllib.parse import quote
 
-from werkzeug.routing import BaseConverter, Rule
+from werkzeug.routing import BaseConverter
 
-from .config import AllowedRequest
 from .errors import InvalidPath
 
 # One or two dots followed by the end of the segment.
@@ -52,14 +51,6 @@ _NOT_IN_URI = re.compile(r'["<>\\^`{|}\[\]]')
 def to_rule(path: str) -> str:
     """The werkzeug rule string for an AllowedRequests path."""
     return _PLACEHOLDER.sub(r"<segment:\1>", path)
-
-
-def build_rules(allowed: Iterable[AllowedRequest], endpoint: str) -> list[Rule]:
-    """One werkzeug rule per AllowedRequests entry, all routed to *endpoint*.
-
-    werkzeug adds HEAD wherever GET is listed; OPTIONS is only there when listed.
-    """
-    return [Rule(to_rule(a.path), methods=[a.method], endpoint=endpoint) for a in allowed]
 
 
 def raw_target(environ: Mapping[str, object]) -> str:

@@ -16,8 +16,8 @@ status body names the worker that answered.
 
 from __future__ import annotations
 
-import json
 import os
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
@@ -25,9 +25,9 @@ from werkzeug.wrappers import Request, Response
 
 from . import probe
 from .config import InstanceSpec, allows
-from .errors import BalancerError, Forbidden, MethodNotAllowed, RequestNotAllowed
+from .errors import BalancerError, Forbidden, MethodNotAllowed, RequestNotAllowed, json_body
 from .health import DISABLED, NOT_PINNED, UP
-from .pins import NotACertificate, read_reference, sha256
+from .pins import inspect_reference, sha256
 from .upstream import Balancer
 
 PREFIX = "/_balancer"
@@ -69,12 +69,12 @@ class ReservedPaths:
                 )
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"{request.method} is not allowed for this path; allowed: GET, HEAD.", ["GET", "HEAD"])
-            return _json(view(), 200)
+            response = Response(json_body(view()), status=200, mimetype="application/json")
         except BalancerError as exc:
-            response = _json(exc.body(), exc.status)
-            for name, value in exc.headers():
-                response.headers[name] = value
-            return response
+            response = exc.get_response()
+        # Each answer is one moment's view.
+        response.headers["Cache-Control"] = "no-store"
+        return response
 
     def health(self) -> dict[str, Any]:
         return {"status": "serving", "worker_pid": os.getpid()}
@@ -115,24 +115,13 @@ class ReservedPaths:
         }
 
 
-def _fingerprint(path: os.PathLike[str]) -> tuple[str | None, str | None]:
+def _fingerprint(path: Path) -> tuple[str | None, str | None]:
     """(SHA-256, None) of the reference file, (None, None) when there is none, (None, reason) when unusable."""
-    try:
-        return sha256(read_reference(path)), None  # type: ignore[arg-type]
-    except (FileNotFoundError, NotADirectoryError):
-        return None, None
-    except (NotACertificate, OSError) as exc:
-        return None, (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+    der, problem = inspect_reference(path)
+    return (sha256(der) if der is not None else None), problem
 
 
 def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _json(body: dict[str, Any], status: int) -> Response:
-    response = Response(json.dumps(body, indent=2) + "\n", status=status, mimetype="application/json")
-    # Each answer is one worker's view at one moment.
-    response.headers["Cache-Control"] = "no-store"
-    return response

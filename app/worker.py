@@ -23,7 +23,6 @@ the master, so it loads nothing of the app beyond the configuration.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import ssl
@@ -162,7 +161,9 @@ class BalancerWorker(GeventWorker):
             501: "The request uses a transfer coding the balancer does not implement; only chunked is.",
             417: "The request's Expect header cannot be met.",
         }.get(status, "The request is malformed.")
-        body = json.dumps({"error": code, "description": description}).encode()
+        from .errors import json_body  # in the worker only: the master loads no more of the app than it needs
+
+        body = json_body({"error": code, "description": description})
         head = (
             f"HTTP/1.1 {status} {reason}\r\nServer: {SERVER}\r\nConnection: close\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

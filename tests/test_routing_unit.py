@@ -6,19 +6,20 @@ import re
 
 import pytest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
-from werkzeug.routing import Map, RequestRedirect
+from werkzeug.routing import RequestRedirect
 
-from app.config import AllowedRequest
+from pathlib import Path
+
+from app.config import AllowedRequest, BalancerSpec, Config, InstanceSpec
 from app.errors import InvalidPath
+from app.factory import create_app
 from app.headers import (
     HOP_BY_HOP,
-    end_to_end,
-    hop_by_hop,
     host_header,
     request_headers,
     response_headers,
 )
-from app.routing import CONVERTERS, SegmentConverter, build_rules, check_target, raw_target, to_rule
+from app.routing import CONVERTERS, SegmentConverter, check_target, raw_target, to_rule
 
 # -- check_target -------------------------------------------------------------------
 
@@ -205,18 +206,24 @@ ALLOWED = (
 
 
 @pytest.fixture
-def urls():
-    # The same settings app.proxy.install gives Flask's url_map.
-    url_map = Map(build_rules(ALLOWED, "forward"), converters=CONVERTERS, merge_slashes=False, strict_slashes=True)
-    return url_map.bind("balancer", "/")
+def urls(tmp_path: Path):
+    """The url_map of the app itself, as create_app() wires AllowedRequests into it."""
+    config = Config(
+        path=tmp_path / "kl_balancer.conf",
+        balancer=BalancerSpec("127.0.0.1", 9443, 9999, 9998, 10),
+        cert_dir=tmp_path / "certs",
+        instances=(InstanceSpec("192.0.2.10", 443, 9999, True),),
+        allowed=ALLOWED,
+    )
+    return create_app(config).url_map.bind("balancer", "/")
 
 
 def test_rules_match_placeholders_on_decoded_path(urls) -> None:
-    assert urls.match("/api/v.1.1/suppliers", "GET") == ("forward", {})
-    assert urls.match("/api/v7/suppliers", "GET") == ("forward", {"version": "v7"})
-    assert urls.match("/api/.../suppliers", "HEAD") == ("forward", {"version": "..."})
-    assert urls.match("/api/v7/lookup", "POST") == ("forward", {"version": "v7"})
-    assert urls.match("/api/v2/items/", "OPTIONS") == ("forward", {})
+    assert urls.match("/api/v.1.1/suppliers", "GET") == ("proxy.forward", {})
+    assert urls.match("/api/v7/suppliers", "GET") == ("proxy.forward", {"version": "v7"})
+    assert urls.match("/api/.../suppliers", "HEAD") == ("proxy.forward", {"version": "..."})
+    assert urls.match("/api/v7/lookup", "POST") == ("proxy.forward", {"version": "v7"})
+    assert urls.match("/api/v2/items/", "OPTIONS") == ("proxy.forward", {})
 
 
 @pytest.mark.parametrize(
@@ -258,15 +265,26 @@ def test_fixed_hop_by_hop_set() -> None:
         "transfer-encoding",
         "upgrade",
     }
-    assert hop_by_hop([]) == HOP_BY_HOP
 
 
 def test_names_listed_in_connection_are_hop_by_hop_whatever_their_case() -> None:
-    headers = [("CONNECTION", "X-Trace , keep-alive,,  Foo-Bar"), ("connection", "close"), ("X-Trace", "1")]
-    assert hop_by_hop(headers) == HOP_BY_HOP | {"x-trace", "foo-bar", "close"}
+    headers = [
+        ("CONNECTION", "X-Trace , keep-alive,,  Foo-Bar"),
+        ("connection", "close"),
+        ("X-Trace", "1"),
+        ("foo-bar", "2"),
+        ("Close", "3"),
+        ("Accept", "*/*"),
+    ]
+    assert response_headers(headers) == [("Accept", "*/*")]
+    assert request_headers(headers, client_addr="192.0.2.1", client_proto="http", client_host=None, content_length=None) == [
+        ("Accept", "*/*"),
+        ("X-Forwarded-For", "192.0.2.1"),
+        ("X-Forwarded-Proto", "http"),
+    ]
 
 
-def test_end_to_end_drops_hop_by_hop_in_both_spellings() -> None:
+def test_hop_by_hop_headers_are_dropped_in_both_spellings_both_ways() -> None:
     headers = [
         ("Accept", "*/*"),
         ("Connection", "x-Secret"),
@@ -282,10 +300,12 @@ def test_end_to_end_drops_hop_by_hop_in_both_spellings() -> None:
         ("Proxy-Authenticate", "Basic"),
         ("X-Secretive", "kept"),
     ]
-    assert end_to_end(headers) == [("Accept", "*/*"), ("X-Secretive", "kept")]
+    assert response_headers(headers) == [("Accept", "*/*"), ("X-Secretive", "kept")]
+    forwarded = request_headers(headers, client_addr="::1", client_proto="http", client_host=None, content_length=None)
+    assert forwarded[:2] == [("Accept", "*/*"), ("X-Secretive", "kept")]
 
 
-def test_end_to_end_keeps_duplicates_and_order() -> None:
+def test_answer_headers_keep_duplicates_and_order() -> None:
     headers = [
         ("Set-Cookie", "a=1; Path=/"),
         ("Content-Type", "text/plain"),
@@ -293,13 +313,8 @@ def test_end_to_end_keeps_duplicates_and_order() -> None:
         ("Vary", "Accept"),
         ("Vary", "Cookie"),
     ]
-    assert end_to_end(headers) == headers
-    assert end_to_end(iter(headers)) == headers
-
-
-def test_end_to_end_also_drop() -> None:
-    headers = [("A", "1"), ("B", "2"), ("b", "3")]
-    assert end_to_end(headers, frozenset({"b"})) == [("A", "1")]
+    assert response_headers(headers) == headers
+    assert response_headers(iter(headers)) == headers
 
 
 # -- headers: request to the instance --------------------------------------------------
