@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: venv test demo bench soak hostile clean
+.PHONY: venv test check demo bench soak hostile clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,12 @@ $(STAMP): requirements.txt
 # The whole test suite (real HTTPS instances, real gunicorn workers).
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The unit tables only (configuration, routes, headers, selection, failover
+# decisions, health, dependency couplings): seconds, for every edit. `make test`
+# stays the whole suite.
+check: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit
 
 # Two demo instances on loopback, the balancer in front of them, the seed's
 # check request through it; serves until Ctrl-C.

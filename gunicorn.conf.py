@@ -3,7 +3,7 @@
     gunicorn -c gunicorn.conf.py wsgi:app
 
 This file runs in the master before any worker exists, and again on every
-SIGHUP. It reads the XML with ``app.config`` alone (standard library and
+SIGHUP. It reads the XML with ``app.loader`` alone (standard library and
 lxml): importing Flask, requests or urllib3 here would load ssl before the
 gevent worker patches it, and the worker would then fail with RecursionError
 (docs/design.md, "Traps").
@@ -13,7 +13,9 @@ import logging
 import os
 import sys
 
-from app.config import Config, ConfigError, activate, active, load
+from app.lifecycle import activate, active
+from app.loader import ConfigError, load
+from app.settings import Config
 
 # -- Logging ----------------------------------------------------------------------
 # The app's decisions (pin learned, mismatch, instance down or back) go to
@@ -34,7 +36,7 @@ _app_log.propagate = False
 # runs this file again, and an exception or SystemExit here would kill the
 # master: a bad file is refused, logged, and the configuration already
 # served stays active, with the settings below taken from it. Workers forked
-# from now on inherit the active configuration (app.config.active, docs/design.md, "Failover").
+# from now on inherit the active configuration (app.lifecycle.active, docs/design.md, "Configuration").
 def _configuration() -> Config:
     previous = active()
     reload_log = logging.getLogger("app.reload")
@@ -80,7 +82,7 @@ def ssl_context(conf, default_ssl_context_factory):
     Called in the worker after gevent patched ssl; app.tls is imported here,
     never at the top of this file (docs/design.md, "Traps").
     """
-    from app.config import active
+    from app.lifecycle import active
     from app.tls import server_context
 
     return server_context(conf.certfile, conf.keyfile, active().tls_policy)

@@ -35,7 +35,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .config import Config, InstanceSpec
+from . import pinning
 from .pins import (
     NotACertificate,
     TRUST_COMMAND,
@@ -47,7 +47,7 @@ from .pins import (
     same_fingerprint,
     sha256,
 )
-from . import pinning
+from .settings import Config, InstanceSpec
 
 EXIT_DECLINED = 1
 EXIT_USAGE = 2

@@ -6,11 +6,12 @@ import logging
 
 from flask import Flask
 
-from . import config as config_module
 from .cli import pins
-from .config import Config, ConfigError
+from .lifecycle import active
+from .loader import ConfigError, load
 from .pins import PinStore, loose_permissions
 from .proxy import install
+from .settings import Config
 from .upstream import Balancer
 
 log = logging.getLogger(__name__)
@@ -20,16 +21,16 @@ def create_app(config: Config | None = None) -> Flask:
     """Build the balancer for *config*, or for the file ``BALANCER_CONFIG`` names.
 
     Under gunicorn the master has loaded the file already and workers use
-    that configuration (:func:`app.config.active`), so that a broken edit
+    that configuration (:func:`app.lifecycle.active`), so that a broken edit
     the master refused on SIGHUP never reaches them. A configuration that
     cannot be used ends the process with its one-line reason (file, line,
     what was wrong and what was expected).
     """
     if config is None:
-        config = config_module.active()
+        config = active()
     if config is None:
         try:
-            config = config_module.load()
+            config = load()
         except ConfigError as exc:
             raise SystemExit(f"ctbalancer: configuration error: {exc}") from None
     app = Flask(__name__, static_folder=None)

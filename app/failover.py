@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import Failover, Timeouts
 from .errors import BalancerError, CertificateMismatch, InstanceError, InstanceTimeout
 from .health import Ticket
+from .settings import Failover, Timeouts
 from .upstream import AfterSend, Answer, Balancer, NotSent, Outgoing, Upstream
 
 log = logging.getLogger(__name__)

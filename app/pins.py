@@ -44,8 +44,8 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import filelock
 
-from .config import InstanceSpec
 from .errors import CertificateMismatch, ReferenceUnreadable, ReferenceUnsaved
+from .settings import InstanceSpec
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,6 @@ from werkzeug.routing import Map, RequestRedirect
 
 from . import routing
 from .buffering import BufferedAnswer, DiskBudget, HeldBody, NoRoom
-from .config import Config, allows
-from .failover import exchange
 from .errors import (
     BalancerError,
     CodingNotImplemented,
@@ -30,7 +28,9 @@ from .errors import (
     RequestTooLarge,
     json_body,
 )
+from .failover import exchange
 from .headers import request_headers, response_headers, valid_host
+from .settings import Config, allows
 from .status import ReservedPaths
 from .upstream import Answer, Balancer, Outgoing
 

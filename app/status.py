@@ -24,10 +24,10 @@ from typing import Any, Callable, Iterable
 from werkzeug.wrappers import Request, Response
 
 from . import probe
-from .config import InstanceSpec, allows
 from .errors import BalancerError, Forbidden, MethodNotAllowed, RequestNotAllowed, json_body
 from .health import DISABLED, NOT_PINNED, UP
 from .pins import inspect_reference, sha256
+from .settings import InstanceSpec, allows
 from .upstream import Balancer
 
 PREFIX = "/_balancer"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ssl
 
-from .config import TLSPolicy
+from .settings import TLSPolicy
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 

@@ -28,13 +28,13 @@ from requests.models import PreparedRequest
 from urllib3.util import SKIP_HEADER
 
 from .buffering import DiskBudget
-from .config import Config, InstanceSpec
 from .errors import BalancerError, InstanceError, InstanceFailed, InstanceTimeout, NoInstanceAvailable
 from .headers import host_header
 from .health import Health
-from .selection import Selection, Slots
 from .pinning import NotConnected, PinningAdapter, unverified_context
 from .pins import PinStore
+from .selection import Selection, Slots
+from .settings import Config, InstanceSpec
 
 log = logging.getLogger(__name__)
 

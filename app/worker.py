@@ -34,7 +34,8 @@ from gunicorn.http import errors as http_errors
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.ggevent import GeventWorker
 
-from . import config as config_module
+from .lifecycle import active
+from .settings import Timeouts
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ class BalancerWorker(GeventWorker):
     def init_process(self) -> None:
         # gunicorn's Response reads the module-level SERVER for its Server header.
         gunicorn_wsgi.SERVER = SERVER
-        config = config_module.active()
-        self.client_timeout = config.timeouts.client if config is not None else config_module.Timeouts().client
+        config = active()
+        self.client_timeout = (config.timeouts if config is not None else Timeouts()).client
         super().init_process()
 
     def handle(self, listener, client, addr) -> None:  # type: ignore[no-untyped-def]
@@ -127,6 +128,9 @@ class BalancerWorker(GeventWorker):
                 log.info("TLS handshake with %s failed: %s", peer, _quote(exc.reason or exc.strerror or str(exc)))
             else:
                 log.debug("TLS error with %s: %s", peer, exc)
+        except TimeoutError:
+            # A read of the body times out inside the app (400); this is a write: the client stopped reading.
+            log.info("client %s closed: read nothing of its answer for %gs", peer, self.client_timeout)
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, None):
                 log.info("client %s: %s", peer, _quote(str(exc)))

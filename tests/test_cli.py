@@ -15,7 +15,7 @@ import pytest
 from click.testing import Result
 from cryptography import x509
 
-from app.config import load
+from app.loader import load
 from app.factory import create_app
 from app.pins import der_to_pem, sha256
 

@@ -1,6 +1,6 @@
 """kl_balancer.conf: every unusable file is refused with one exact line; valid ones become frozen objects.
 
-The broken files are real files under ``tmp_path``, loaded with ``app.config.load``; each case
+The broken files are real files under ``tmp_path``, loaded with ``app.loader.load``; each case
 asserts the whole message, file path and line number included (DESIGN section 1). The start-up
 commands are run as subprocesses, as an operator runs them.
 """
@@ -18,23 +18,22 @@ from pathlib import Path
 
 import pytest
 
-from app.config import (
+from app.loader import MAX_CONFIG_BYTES, ConfigError, config_path, load
+from app.settings import (
     DEFAULT_CIPHERS,
-    MAX_CONFIG_BYTES,
-    Limits,
-    TLSPolicy,
-    allows,
     AllowedRequest,
+    allows,
     BalancerSpec,
     Config,
-    ConfigError,
     Failover,
     HealthCheck,
     InstanceSpec,
+    Limits,
     Timeouts,
-    config_path,
-    load,
+    TLSPolicy,
 )
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "kl_balancer.conf"
@@ -593,13 +592,13 @@ BROKEN = [
     param(
         "frontproxy-host-name",
         before_end('  <FrontProxy allow="127.0.0.1 proxy.example"/>'),
-        "{path}:13: <FrontProxy> attribute allow has 'proxy.example'; expected IPv4 or IPv6 addresses or "
+        "{path}:13: <FrontProxy> attribute allow='127.0.0.1 proxy.example' has 'proxy.example'; expected IPv4 or IPv6 addresses or "
         "networks (10.0.0.0/8) separated by spaces",
     ),
     param(
         "admin-network-with-host-bits",
         before_end('  <Admin allow="10.20.0.1/16"/>'),
-        "{path}:13: <Admin> attribute allow has '10.20.0.1/16'; expected IPv4 or IPv6 addresses or "
+        "{path}:13: <Admin> attribute allow='10.20.0.1/16' has '10.20.0.1/16'; expected IPv4 or IPv6 addresses or "
         "networks (10.0.0.0/8) separated by spaces",
     ),
     param(
@@ -853,7 +852,7 @@ def test_external_entities_and_dtds_are_never_opened(tmp_path: Path, doctype: st
     code = textwrap.dedent(
         """\
         import sys
-        from app.config import ConfigError, load
+        from app.loader import ConfigError, load
         try:
             load(sys.argv[1])
         except ConfigError as e:
@@ -1226,4 +1225,4 @@ def test_gunicorn_conf_loads_neither_ssl_nor_http_libraries(tmp_path: Path) -> N
         "'certfile' in ns]))"
     )
     done = run(["-c", code], path)
-    assert json.loads(done.stdout) == [[], ["app", "app.config"], ["127.0.0.1:9443"], 2, False], done.stderr
+    assert json.loads(done.stdout) == [[], ["app", "app.lifecycle", "app.loader", "app.settings"], ["127.0.0.1:9443"], 2, False], done.stderr

@@ -32,7 +32,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from urllib3.connectionpool import HTTPConnectionPool
 
-from app.config import Config, ConfigError, load
+from app.loader import ConfigError, load
+from app.settings import Config
 
 from . import hypothesis_profiles
 from .support import ROOT, Spec, free_port, write_config

@@ -8,6 +8,8 @@ import pytest
 
 from app.health import COOLING_DOWN, DOWN, MISMATCH, UP, Health
 
+pytestmark = pytest.mark.unit
+
 
 class Clock:
     def __init__(self) -> None:

@@ -313,7 +313,12 @@ def test_client_that_stops_reading_is_cut_and_frees_its_slot(tmp_path, instance,
         time.sleep(1.0)
         # scanners_count is 1 and the queue 0: a held slot would make this 503.
         assert get(balancer.port, SUPPLIERS).status == 200
-        time.sleep(3.0)
+        # Reading would let the balancer write on: watch its log instead (bounded wait; the
+        # cut comes Timeouts client after the socket buffers filled up).
+        deadline = time.monotonic() + 20
+        while "read nothing of its answer for 2s" not in balancer.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "read nothing of its answer for 2s" in balancer.log()
         sock.setblocking(False)
         assert closed_by_peer(sock)
     assert "Traceback" not in balancer.log()

@@ -43,7 +43,7 @@ import trustme
 
 from app import pins
 from app.cli import reference_files
-from app.config import InstanceSpec
+from app.settings import InstanceSpec
 from app.errors import CertificateMismatch
 from app.pins import (
     SAVE_STEPS,

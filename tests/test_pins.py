@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from app.config import InstanceSpec
+from app.settings import InstanceSpec
 from app.errors import CertificateMismatch, ReferenceUnreadable, ReferenceUnsaved
 from app.pins import (
     NotACertificate,

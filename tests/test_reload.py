@@ -2,7 +2,7 @@
 
 gunicorn runs gunicorn.conf.py again in the master, forks new workers and lets the old ones finish
 what they hold. A file that does not load is refused there, and the workers forked afterwards keep
-the configuration the master already served (app.config.active).
+the configuration the master already served (app.lifecycle.active).
 """
 
 from __future__ import annotations
@@ -136,13 +136,13 @@ def test_gunicorn_conf_run_again_on_a_broken_file_keeps_the_previous_settings(tm
     fixed = good.replace('api_port="9443"', 'api_port="9444"')
     code = f"""
 import json, pathlib, runpy, sys
-import app.config
+import app.lifecycle
 path = pathlib.Path({str(tmp_path / 'kl_balancer.conf')!r})
 seen = []
 for text in ({good!r}, {broken!r}, {fixed!r}):
     path.write_text(text)
     ns = runpy.run_path("gunicorn.conf.py")
-    seen.append([ns["bind"], ns["workers"], app.config.active().balancer.api_port])
+    seen.append([ns["bind"], ns["workers"], app.lifecycle.active().balancer.api_port])
 print(json.dumps(seen))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("BALANCER_")}

@@ -10,7 +10,7 @@ from werkzeug.routing import RequestRedirect
 
 from pathlib import Path
 
-from app.config import AllowedRequest, BalancerSpec, Config, InstanceSpec
+from app.settings import AllowedRequest, BalancerSpec, Config, InstanceSpec
 from app.errors import InvalidPath
 from app.factory import create_app
 from app.headers import (
@@ -20,6 +20,8 @@ from app.headers import (
     response_headers,
 )
 from app.routing import CONVERTERS, SegmentConverter, check_target, raw_target, to_rule
+
+pytestmark = pytest.mark.unit
 
 # -- check_target -------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ from app.failover import (
 from app.health import COOLING_DOWN, Health
 from app.selection import Selection, Slots
 
+pytestmark = pytest.mark.unit
+
 # (outcome, repeatable, second chance used, holding an answer, quarantine) -> (verdict, action)
 DECISIONS = [
     # nothing was sent: connection refused or reset while connecting, connect timeout, TLS failure
