@@ -15,7 +15,10 @@ Everything runs on loopback, in a fresh work directory under bench/.run/:
   HTTP and on HTTPS;
 * the balancer, ``gunicorn -c gunicorn.conf.py wsgi:app`` with 2 workers
   (BENCH_WORKERS), on plain HTTP; then on HTTPS in a later phase;
-* wrk, with contenders alternating (direct, nginx, balancer, direct, ...) for
+* the floor (bench/floor/floor_app.py): a bare gunicorn gevent app under the
+  balancer's gunicorn settings relaying over kept-alive TLS with http.client,
+  the least this stack can do;
+* wrk, with contenders alternating (direct, nginx, floor, balancer, direct, ...) for
   BENCH_ROUNDS rounds of BENCH_SECONDS seconds, each after a BENCH_WARMUP
   seconds warm-up run.
 
@@ -381,6 +384,35 @@ def start_balancer(name: str, work: Path, instance_port: int, workers: int, tls:
     return proc, port, base
 
 
+def start_floor(work: Path, instance_port: int, workers: int) -> tuple[Proc, str]:
+    """The floor contender (bench/floor/floor_app.py) under the balancer's gunicorn settings, on plain HTTP."""
+    port = free_port()
+    conf = render(
+        "kl_balancer.conf", work / "floor.conf", api_port=port, tls="", cert_dir=work / "floor-pins",
+        instance_port=instance_port, workers=workers,
+    )
+    env = {
+        "BALANCER_CONFIG": str(conf),
+        "BALANCER_WORKERS": str(workers),
+        "BALANCER_LOG_LEVEL": "WARNING",
+        "FLOOR_ROOT": str(ROOT),
+        "FLOOR_INSTANCE": f"127.0.0.1:{instance_port}",
+        "PYTHONPATH": str(ROOT / "bench" / "floor"),
+    }
+    proc = start(
+        "floor",
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "bench" / "floor" / "gunicorn.conf.py"), "floor_app:app"],
+        work / "floor.log",
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base + SMALL, timeout=60)
+    deadline = time.monotonic() + 30
+    while len(tree(proc.pid)) < workers + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return proc, base
+
+
 # -- wrk ------------------------------------------------------------------------------------
 
 
@@ -637,15 +669,18 @@ def summarize(sc: Scenario) -> dict:
     ratios = {}
     bal = next((k for k in meds if k.startswith("balancer")), None)
     if bal:
-        for other in ("nginx", "direct"):
+        for other in ("nginx", "floor", "direct"):
             if other in meds and meds[other]["rps"]:
                 ratios[f"{bal}/{other}"] = {
                     "rps": meds[bal]["rps"] / meds[other]["rps"],
                     "p50": meds[bal]["p50_ms"] / meds[other]["p50_ms"] if meds[other]["p50_ms"] else None,
                     "p99": meds[bal]["p99_ms"] / meds[other]["p99_ms"] if meds[other]["p99_ms"] else None,
                 }
-        if "nginx" in meds and meds["nginx"]["proxy_cpu_us_per_req"]:
-            ratios[f"{bal}/nginx"]["cpu_per_req"] = meds[bal]["proxy_cpu_us_per_req"] / meds["nginx"]["proxy_cpu_us_per_req"]
+        for other in ("nginx", "floor"):
+            if other in meds and meds[other]["proxy_cpu_us_per_req"] and meds[bal]["proxy_cpu_us_per_req"]:
+                ratios[f"{bal}/{other}"]["cpu_per_req"] = (
+                    meds[bal]["proxy_cpu_us_per_req"] / meds[other]["proxy_cpu_us_per_req"]
+                )
     out["ratios"] = ratios
     return out
 
@@ -1084,7 +1119,8 @@ def bench(work: Path) -> dict:
 
     # Each body arrives whole through each contender before anything is timed.
     bal, _, bal_base = start_balancer("balancer-http", work, ports["instance"], WORKERS, tls=False)
-    for base in (direct_base, f"http://127.0.0.1:{ports['proxy_http']}", bal_base):
+    floor_proc, floor_base = start_floor(work, ports["instance"], WORKERS)
+    for base in (direct_base, f"http://127.0.0.1:{ports['proxy_http']}", floor_base, bal_base):
         for path, size in ((SMALL, SMALL_SIZE), (BIG, BIG_SIZE)):
             got = _fetch(base + path)
             if len(got) != size:
@@ -1092,8 +1128,9 @@ def bench(work: Path) -> dict:
 
     direct = Contender("direct", "direct (HTTPS)", direct_base, None)
     ngx = Contender("nginx", "nginx proxy", f"http://127.0.0.1:{ports['proxy_http']}", proxy)
+    floor = Contender("floor", f"floor: gunicorn+gevent+http.client ({WORKERS}w)", floor_base, floor_proc)
     balc = Contender("balancer", f"balancer ({WORKERS}w)", bal_base, bal)
-    trio = [direct, ngx, balc]
+    trio = [direct, ngx, floor, balc]
     scenarios = [
         Scenario("small-c1", "2 KB, 1 conn", SMALL, 1, SMALL_SIZE, trio),
         Scenario("small-c16", "2 KB, 16 conns", SMALL, 16, SMALL_SIZE, trio),
@@ -1109,6 +1146,9 @@ def bench(work: Path) -> dict:
     memory += [dict(r, when="after the plain-HTTP scenarios") for r in memory_snapshot(bal, "balancer (HTTP)")]
     memory += [dict(r, when="after the plain-HTTP scenarios") for r in memory_snapshot(proxy, "nginx proxy")]
     memory += [dict(r, when="after the plain-HTTP scenarios") for r in memory_snapshot(instance, "instance (nginx)")]
+
+    memory += [dict(r, when="after the plain-HTTP scenarios") for r in memory_snapshot(floor_proc, "floor")]
+    floor_proc.stop()
 
     if PROFILE:
         log("profiling the balancer with py-spy (2 KB, 16 conns)")
