@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import secrets
-import signal
 import ssl
 import stat
 import threading
@@ -70,15 +69,6 @@ UNSAVED_HINTS = {
     errno.EACCES: "the balancer's user may not write there: make it the owner of CertDirPath (mode 0700)",
     errno.EPERM: "the balancer's user may not write there: make it the owner of CertDirPath (mode 0700)",
 }
-
-#: The steps of writing a reference, in order, where a test can stop the process.
-SAVE_STEPS = ("after-temp-open", "after-write", "after-fsync", "after-link", "before-unlink")
-
-#: Test hook (docs/design.md, "Hostile clients"): the process stops itself with SIGSTOP when it reaches
-#: this step of a save, so that a test can SIGKILL it exactly there. Read once,
-#: at import, from CTBALANCER_PIN_SAVE_PAUSE; unset, it is None and a save pays
-#: one comparison per step. Only first contacts and ``pins`` changes save.
-SAVE_PAUSE: Optional[str] = os.environ.get("CTBALANCER_PIN_SAVE_PAUSE") or None
 
 _PEM_BLOCK = re.compile(
     rb"\A\s*-----BEGIN CERTIFICATE-----\r?\n([A-Za-z0-9+/=\r\n]+?)-----END CERTIFICATE-----\s*\Z"
@@ -206,12 +196,6 @@ def _signature(st: os.stat_result) -> Signature:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _reached(step: str) -> None:
-    """Stop this process here when :data:`SAVE_PAUSE` names *step* (a test's SIGKILL follows)."""
-    if SAVE_PAUSE == step:
-        os.kill(os.getpid(), signal.SIGSTOP)
-
-
 # -- operator changes, shared by the server and the ``pins`` commands ---------
 
 
@@ -284,12 +268,9 @@ def _write_temporary(path: Path, der: bytes) -> Path:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
-            _reached("after-temp-open")
             f.write(der_to_pem(der))
             f.flush()
-            _reached("after-write")
             os.fsync(f.fileno())
-            _reached("after-fsync")
     except BaseException:
         _unlink_quietly(tmp)
         raise
@@ -562,9 +543,7 @@ class PinStore:
             tmp = _write_temporary(path, der)
             try:
                 os.link(tmp, path)
-                _reached("after-link")
                 signature = _signature(os.stat(path))
-                _reached("before-unlink")
             finally:
                 _unlink_quietly(tmp)
             _fsync_dir(self.cert_dir)

@@ -1,9 +1,9 @@
 """The pin store under faults (issue #7): processes killed while saving, CertDirPath unusable, damaged references.
 
-A save is stopped at each of its steps by the test hook in :mod:`app.pins`
-(``CTBALANCER_PIN_SAVE_PAUSE``, or ``app.pins.SAVE_PAUSE`` in a forked
-child): the saving process sends itself SIGSTOP there, and the test kills it
-with SIGKILL. What is guaranteed after such a kill:
+A save is stopped at each of its steps by :mod:`tests.savepause` (installed
+in a forked child, or as ``sitecustomize`` in a gunicorn started with
+``CTBALANCER_TEST_SAVE_PAUSE``): the saving process sends itself SIGSTOP
+there, and the test kills it with SIGKILL. The app carries no test hook. What is guaranteed after such a kill:
 
 * the reference is absent, or holds the whole certificate (DER equal);
 * at most one temporary file is left, the dead process's own
@@ -41,12 +41,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from app import pins
 from app.cli import reference_files
 from app.settings import InstanceSpec
 from app.errors import CertificateMismatch
 from app.pins import (
-    SAVE_STEPS,
     PinStore,
     delete_reference,
     der_to_pem,
@@ -55,6 +53,8 @@ from app.pins import (
     replace_reference,
 )
 
+from .savepause.sitecustomize import AFTER_LINK, BEFORE_LINK, install
+from .savepause.sitecustomize import STEPS as SAVE_STEPS
 from .support import ROOT, Gunicorn, RawResponse, Spec, config_port, get, leaf_der, write_config
 
 INSTANCE = InstanceSpec(host="192.0.2.10", api_port=443, matching_port=9999, enabled=True)
@@ -62,9 +62,8 @@ NAME = "192.0.2.10_9999.pem"
 LOCK = f".{NAME}.lock"
 #: The temporary file a save of NAME writes: ``.<name>.<pid>.<8 hex>.tmp``.
 TEMPORARY = re.compile(rf"\.{re.escape(NAME)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
-#: A step the hook stops at before the reference exists, and the ones after.
-BEFORE_LINK = ("after-temp-open", "after-write", "after-fsync")
-AFTER_LINK = ("after-link", "before-unlink")
+#: Where the save-pause hook of a gunicorn started by these tests lives.
+SAVEPAUSE = Path(__file__).resolve().parent / "savepause"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def ders(ca: trustme.CA) -> list[bytes]:
 
 def test_the_hook_names_every_step_of_a_save():
     assert SAVE_STEPS == BEFORE_LINK + AFTER_LINK
-    assert pins.SAVE_PAUSE is None  # the suite runs without it
+    assert "CTBALANCER_TEST_SAVE_PAUSE" not in os.environ  # the suite runs without it
 
 
 # -- killed while saving ---------------------------------------------------------------------------
@@ -114,7 +113,7 @@ def fork(action) -> int:
 
 def first_contact_stopped_at(cert_dir: Path, der: bytes, step: str) -> int:
     def action() -> None:
-        pins.SAVE_PAUSE = step
+        install(step)
         PinStore(cert_dir).check(INSTANCE, der)
 
     pid = fork(action)
@@ -180,7 +179,7 @@ def test_trust_killed_while_replacing_keeps_the_old_reference(tmp_path, ders):
         step = BEFORE_LINK[i % len(BEFORE_LINK)]
 
         def action() -> None:
-            pins.SAVE_PAUSE = step
+            install(step)
             with reference_lock(reference):
                 replace_reference(reference, ders[1])
 
@@ -252,7 +251,8 @@ def test_worker_killed_while_saving_leaves_no_partial_reference(tmp_path, make_i
     cert_dir = tmp_path / "certs"
     reference = cert_dir / "127.0.0.1_9999.pem"
     temporary = re.compile(r"\.127\.0\.0\.1_9999\.pem\.(\d+)\.[0-9a-f]{8}\.tmp")
-    balancer = start_balancer(config, CTBALANCER_PIN_SAVE_PAUSE=step)
+    pythonpath = os.pathsep.join(filter(None, [str(SAVEPAUSE), os.environ.get("PYTHONPATH")]))
+    balancer = start_balancer(config, CTBALANCER_TEST_SAVE_PAUSE=step, PYTHONPATH=pythonpath)
     [worker] = worker_pids(balancer)
 
     answers: list[RawResponse | None] = []
