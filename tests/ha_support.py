@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Callable
 
 import trustme
 
+from .peers import Peer
 from .support import ROOT, free_port, server_context
 
 # -- scripted TLS instances ---------------------------------------------------------------------
@@ -51,7 +51,7 @@ class Received:
 Script = Callable[[Received], "bytes | str"]
 
 
-class ScriptedInstance:
+class ScriptedInstance(Peer):
     """A TLS server that reads HTTP/1.1 requests and, for each, does what *script* says.
 
     The script gets the request (with its connection and position on it) and returns the bytes
@@ -62,30 +62,16 @@ class ScriptedInstance:
     def __init__(self, cert: trustme.LeafCert, script: Script) -> None:
         self.context = server_context(cert)
         self.script = script
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.received: list[Received] = []
-        self.connections = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._numbered = 0
+        super().__init__()
+        #: Every request read, whatever happened next (Peer's byte record is not used here).
+        self.received: list[Received] = []  # type: ignore[assignment]
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                number = self.connections
-                self.connections += 1
-            threading.Thread(target=self._handle, args=(conn, number), daemon=True).start()
-
-    def _handle(self, conn: socket.socket, number: int) -> None:
-        try:
-            tls = self.context.wrap_socket(conn, server_side=True)
-        except (OSError, ssl.SSLError):
-            conn.close()
-            return
+    def serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            number = self._numbered
+            self._numbered += 1
+        tls = self.context.wrap_socket(conn, server_side=True)
         tls.settimeout(30)
         reader = tls.makefile("rb")
         index = 0
@@ -120,7 +106,7 @@ class ScriptedInstance:
                     return
                 tls.sendall(action)  # type: ignore[arg-type]
                 index += 1
-        except (OSError, ssl.SSLError, ValueError):
+        except ValueError:
             return
         finally:
             reader.close()
@@ -129,31 +115,14 @@ class ScriptedInstance:
     def count(self, method: str | None = None) -> int:
         return len([r for r in self.received if method is None or r.method == method])
 
-    def close(self) -> None:
-        self.sock.close()
 
-
-class SilentInstance:
+class SilentInstance(Peer):
     """Accepts TCP connections and never says a word: the TLS handshake runs into the connect timeout."""
 
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
+    def serve(self, conn: socket.socket) -> None:
+        conn.settimeout(None)
+        while conn.recv(65536):  # until the client or close() ends the connection
+            pass
 
 
 # -- an instance in its own process --------------------------------------------------------------

@@ -163,20 +163,14 @@ class PlainPeer(Peer):
         self.drain(conn)
 
 
-class NoCertificatePeer(Peer):
+class NoCertificatePeer(RecordingPeer):
     """TLS 1.2 with anonymous (aNULL) cipher suites only: there is no certificate to present."""
 
     def __init__(self, port: int = 0) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.maximum_version = ssl.TLSVersion.TLSv1_2
-        self.context.set_ciphers("aNULL:@SECLEVEL=0")
-        super().__init__(port)
-
-    def serve(self, conn: socket.socket) -> None:
-        with self.context.wrap_socket(conn, server_side=True) as tls:
-            with self._lock:
-                self.handshakes += 1
-            self.drain(tls)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers("aNULL:@SECLEVEL=0")
+        super().__init__(context, port)
 
 
 class InterceptingRelay(Peer):
