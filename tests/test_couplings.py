@@ -194,3 +194,12 @@ def test_gevent_stream_server_wraps_through_the_context() -> None:
 
     source = inspect.getsource(gevent.server.StreamServer)
     assert "self.wrap_socket = ssl_context.wrap_socket" in source
+
+
+def test_gunicorn_uses_its_c_parser() -> None:
+    """gunicorn.conf.py requires http_parser "fast": gunicorn-h1c must be installed and accepted by gunicorn."""
+    from gunicorn.http.message import _check_fast_parser
+
+    cfg = GunicornConfig()
+    cfg.set("http_parser", "fast")
+    assert _check_fast_parser(cfg) is True
