@@ -127,19 +127,9 @@ class Upstream:
             return None
         try:
             return raw.read(decode_content=False)
-        except (urllib3.exceptions.ReadTimeoutError, TimeoutError) as exc:
-            timeout = InstanceTimeout(
-                f"The instance {self.spec.name} did not answer in time.", self.spec.host, self.spec.api_port
-            )
-            raise AfterSend(timeout, "no answer within the read timeout", dropped=False) from exc
         except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
-            reason = f"answer cut off ({type(exc).__name__})"
-            error = InstanceFailed(
-                f"The instance {self.spec.name} failed while sending its answer: {type(exc).__name__}.",
-                self.spec.host,
-                self.spec.api_port,
-            )
-            raise AfterSend(error, reason, dropped=False) from exc
+            raise translate(self.spec, exc, answering=True) from exc
+
 
 @functools.lru_cache(maxsize=256)
 def _timeout(connect: float, read: float) -> urllib3.Timeout:
@@ -152,14 +142,28 @@ def _timeout(connect: float, read: float) -> urllib3.Timeout:
     return urllib3.Timeout(connect=connect, read=read)
 
 
-def translate(spec: InstanceSpec, exc: requests.RequestException) -> AfterSend:
-    """The balancer's view of a requests exception raised once the connection was open."""
+def translate(spec: InstanceSpec, exc: BaseException, answering: bool = False) -> AfterSend:
+    """The balancer's view of a failure once the connection was open: the one place where
+    requests', urllib3's, http.client's, ssl's and the OS's exceptions become balancer errors
+    (connect failures are the connection's own, :class:`~app.pinning.NotConnected`).
+
+    *answering* says the answer's head had arrived: a connection that drops
+    then is a cut-off answer, not a keep-alive race.
+    """
     reason = _innermost(exc)
-    if isinstance(exc, requests.ReadTimeout):
+    if isinstance(exc, requests.ReadTimeout) or isinstance(reason, (urllib3.exceptions.ReadTimeoutError, TimeoutError)):
         error: InstanceError = InstanceTimeout(
             f"The instance {spec.name} did not answer in time.", spec.host, spec.api_port
         )
         return AfterSend(error, "no answer within the read timeout", dropped=False)
+    if answering:
+        described = f"answer cut off ({type(reason).__name__})"
+        error = InstanceFailed(
+            f"The instance {spec.name} failed while sending its answer: {type(reason).__name__}.",
+            spec.host,
+            spec.api_port,
+        )
+        return AfterSend(error, described, dropped=False)
     dropped = isinstance(reason, _DROPPED)
     described = "connection closed before an answer" if dropped else _describe(reason)
     error = InstanceFailed(

@@ -29,6 +29,7 @@ CLOSE = "close"  # read the request, then close the connection (TLS close_notify
 RESET = "reset"  # read the request, then reset the connection (RST)
 GARBLED = "garbled"  # read the request, send half a status line, then close
 BAD_RECORD = "bad-record"  # read the request, send a TLS record that fails to decrypt, then close
+CUT = "cut"  # read the request, send a head announcing 100 bytes and 10 of them, then close
 
 
 def answer(status: int = 200, body: bytes = b"{}", close: bool = False, reason: str = "OK") -> bytes:
@@ -97,6 +98,9 @@ class ScriptedInstance(Peer):
                     return
                 if action == GARBLED:
                     tls.sendall(b"HTTP/1.1 20")
+                    return
+                if action == CUT:
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
                     return
                 if action == BAD_RECORD:
                     # Application data that no key decrypts: the client's read fails with an SSLError.

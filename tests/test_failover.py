@@ -17,6 +17,7 @@ from werkzeug import Request, Response
 from .ha_support import (
     BAD_RECORD,
     CLOSE,
+    CUT,
     GARBLED,
     RESET,
     InstanceProcess,
@@ -190,7 +191,7 @@ def test_slow_instance_gives_504_after_the_read_timeout_while_the_worker_serves_
 # -- not sent twice -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failure", [CLOSE, RESET, GARBLED, BAD_RECORD])
+@pytest.mark.parametrize("failure", [CLOSE, RESET, GARBLED, BAD_RECORD, CUT])
 def test_post_not_repeatable_is_never_sent_twice(tmp_path, ca, make_instance, start_balancer, failure):
     broken = ScriptedInstance(ca.issue_cert("127.0.0.1"), lambda request: failure)
     healthy = make_instance()
@@ -214,9 +215,13 @@ def test_post_not_repeatable_is_never_sent_twice(tmp_path, ca, make_instance, st
         if r.status == 502:
             assert r.json()["error"] == "instance_failed"
             assert r.json()["port"] == broken.port
+            if failure == CUT:  # the head came, the body did not: nothing of it was relayed
+                assert r.json()["description"] == (
+                    f"The instance 127.0.0.1:{broken.port} failed while sending its answer: IncompleteRead."
+                )
 
 
-@pytest.mark.parametrize("failure", [CLOSE, RESET, GARBLED, BAD_RECORD])
+@pytest.mark.parametrize("failure", [CLOSE, RESET, GARBLED, BAD_RECORD, CUT])
 def test_repeatable_requests_go_to_the_next_instance_when_one_fails_mid_request(
     tmp_path, ca, make_instance, start_balancer, failure
 ):
