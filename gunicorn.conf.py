@@ -122,6 +122,12 @@ graceful_timeout = max(30, int(_config.timeouts.total) + 5)
 # SIEMs keep connections open between batches.
 keepalive = 75
 
+# -- Access log ---------------------------------------------------------------------
+# <AccessLog file="..."/>: one JSON line per request (app/accesslog.py), "-" for
+# stderr; gunicorn reopens the file on SIGUSR1 (logrotate's postrotate).
+logger_class = "app.accesslog.JSONAccessLogger"
+accesslog = _config.access_log
+
 # -- Control socket ---------------------------------------------------------------
 # gunicorn 27 opens $HOME/.gunicorn/...; several balancers on one machine (and
 # the test suite) would collide on it (docs/design.md, "Traps").

@@ -58,6 +58,8 @@ class BalancerError(Exception):
         super().__init__(description)
         self.description = description
         self.fields = fields
+        #: Instances tried before this error, for the access log (0: none).
+        self.attempts = 0
 
     def body(self) -> dict[str, Any]:
         """The JSON object sent to the client."""
@@ -177,6 +179,11 @@ class InstanceError(BalancerError):
         super().__init__(description, host=host, port=port, **fields)
         self.host = host
         self.port = port
+
+    @property
+    def instance(self) -> str:
+        """``HOST:PORT`` (``[v6]:PORT``), as the ``pins`` commands name instances."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 class InstanceFailed(InstanceError):

@@ -216,6 +216,7 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
     held: Answer | None = None  # a "try another instance" answer, relayed if nothing better comes
     failure: BalancerError | None = None  # what the last instance that received the request did
     second_chances: set[int] = set()
+    attempts = 0
     try:
         while (choice := queue.take(deadline.queue_end, deadline.clock)) is not None:
             upstream, ticket = choice
@@ -225,7 +226,13 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
                     queue.reasons.append("the request's deadline (Timeouts total or connect) passed")
                     break
                 started = deadline.clock()
+                attempts += 1
                 outcome = attempt.run(outgoing, (connect, read), policy)
+                if outcome.answer is not None:
+                    outcome.answer.attempts = attempts
+                    outcome.answer.head_seconds = deadline.clock() - started
+                if outcome.error is not None:
+                    outcome.error.attempts = attempts
                 if outcome.kind in (NOT_SENT, MISMATCH):
                     deadline.spent_connecting(deadline.clock() - started)
                 used = id(upstream) in second_chances
@@ -267,7 +274,9 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
         return held
     if failure is not None:
         raise failure
-    raise balancer.no_instance(queue.reasons)
+    refusal = balancer.no_instance(queue.reasons)
+    refusal.attempts = attempts
+    raise refusal
 
 
 def _discard(answer: Answer | None) -> None:

@@ -280,6 +280,7 @@ _ROOT_ELEMENTS = (
     "FrontProxy",
     "TLS",
     "Admin",
+    "AccessLog",
 )
 
 
@@ -371,6 +372,9 @@ class _Reader:
         front_el, admin_el = one("FrontProxy"), one("Admin")
         fields["front_proxy"] = self.networks(front_el) if front_el is not None else ()
         fields["admin_allow"] = self.networks(admin_el) if admin_el is not None else DEFAULT_ADMIN_ALLOW
+        access_el = one("AccessLog")
+        if access_el is not None:
+            fields["access_log"] = self.access_log(access_el)
         delimiter_el = one("EventDelimiter")
         if delimiter_el is not None:
             self.no_attributes(delimiter_el)
@@ -385,6 +389,24 @@ class _Reader:
         attrs = self.attributes(el, optional=table.validators)
         self.no_text(el)
         return table.model(**{name: self.value(el, name, text, table.validators[name]) for name, text in attrs.items()})
+
+    def access_log(self, el: etree._Element) -> str:
+        """``file``: "-" (the default) for stderr, else a path whose directory exists."""
+        attrs = self.attributes(el, optional=("file",))
+        self.no_text(el)
+        value = attrs.get("file", "-").strip()
+        if value == "-":
+            return value
+        if not value:
+            raise self.fail(el.sourceline, "<AccessLog> attribute file='' is empty; expected a file path or - for stderr")
+        path = self.resolve(value)
+        if not path.parent.is_dir():
+            raise self.fail(
+                el.sourceline,
+                f"<AccessLog> attribute file={value!r} is in no existing directory; expected a file path in one, "
+                "or - for stderr",
+            )
+        return str(path)
 
     def networks(self, el: etree._Element) -> tuple:
         attrs = self.attributes(el, required=("allow",))

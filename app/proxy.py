@@ -16,11 +16,12 @@ from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException, MethodNotAllowed as WerkzeugMethodNotAllowed
 from werkzeug.routing import Map, RequestRedirect
 
-from . import routing
+from . import accesslog, routing
 from .buffering import BufferedAnswer, DiskBudget, HeldBody, NoRoom
 from .errors import (
     BalancerError,
     CodingNotImplemented,
+    InstanceError,
     InvalidHost,
     MethodNotAllowed,
     RequestBodyInvalid,
@@ -164,6 +165,13 @@ def forward(**_placeholders: str) -> Response:
         )
         outgoing = Outgoing(method=req.method, target=g.target, headers=headers, body=None if body is None else body.content())
         answer = exchange(balancer, outgoing, _repeatable(req, extensions[REPEATABLE]))
+        accesslog.note(
+            req.environ,
+            instance=answer.upstream.name,
+            attempts=answer.attempts,
+            head_seconds=answer.head_seconds,
+            bytes_in=0 if body is None else body.size,
+        )
     finally:
         # Sent whole by now (or never to be sent): a spooled body's disk goes back at once.
         if body is not None:
@@ -287,6 +295,12 @@ def _chunks(answer: Answer) -> Iterator[bytes]:
 
 
 def render_error(exc: BalancerError) -> Response:
+    accesslog.note(
+        request.environ,
+        error=exc.code,
+        attempts=exc.attempts,
+        instance=exc.instance if isinstance(exc, InstanceError) else None,
+    )
     response = exc.get_response()
     if exc.closes_connection:
         close = getattr(request.environ.get("gunicorn.socket"), "close_after_response", None)

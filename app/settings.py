@@ -214,6 +214,8 @@ class Config:
     front_proxy: tuple = ()
     #: Peers that may read /_balancer/status and metrics (Admin allow).
     admin_allow: tuple = DEFAULT_ADMIN_ALLOW
+    #: Where the access log goes (AccessLog file): a path, "-" for stderr, None for none.
+    access_log: str | None = None
 
     @property
     def enabled_instances(self) -> tuple[InstanceSpec, ...]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 from werkzeug.wrappers import Request, Response
 
-from . import probe
+from . import accesslog, probe
 from .errors import BalancerError, Forbidden, MethodNotAllowed, RequestNotAllowed, json_body
 from .health import DISABLED, NOT_PINNED, UP
 from .pins import inspect_reference, sha256
@@ -71,6 +71,7 @@ class ReservedPaths:
                 raise MethodNotAllowed(f"{request.method} is not allowed for this path; allowed: GET, HEAD.", ["GET", "HEAD"])
             response = Response(json_body(view()), status=200, mimetype="application/json")
         except BalancerError as exc:
+            accesslog.note(request.environ, error=exc.code)
             response = exc.get_response()
         # Each answer is one moment's view.
         response.headers["Cache-Control"] = "no-store"

@@ -266,6 +266,9 @@ class Answer:
         self.body = body
         self._holds_slot = holds_slot
         self._open = True
+        #: For the access log: instances tried for this answer, and seconds from sending to the head.
+        self.attempts = 1
+        self.head_seconds: float | None = None
 
     def close(self) -> None:
         if not self._open:

@@ -63,7 +63,7 @@ INSTANCE_7 = '    <Instance enabled="false" matching_port="9999" api_port="443">
 REQUEST_10 = '    <Request method="GET">/api/v.1.1/suppliers</Request>\n'
 ROOT_ELEMENTS = (
     "Balancer, SSLCertificatePath, SSLPrivateKeyPath, CertDirPath, EventDelimiter, Instances, AllowedRequests, "
-    "Timeouts, Workers, Failover, HealthCheck, Limits, FrontProxy, TLS, Admin"
+    "Timeouts, Workers, Failover, HealthCheck, Limits, FrontProxy, TLS, Admin, AccessLog"
 )
 METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 XML_EXPECTED = "expected well-formed XML in UTF-8 or the declared encoding"
@@ -618,6 +618,17 @@ BROKEN = [
         "{path}:13: <TLS> attribute ciphers='TLS_AES_128_GCM_SHA256' selects no cipher OpenSSL knows; "
         "expected an OpenSSL cipher list such as the default (ECDHE-ECDSA-AES128-GCM-SHA256:...)",
     ),
+    param(
+        "accesslog-directory-missing",
+        before_end('  <AccessLog file="no/such/dir/access.log"/>'),
+        "{path}:13: <AccessLog> attribute file='no/such/dir/access.log' is in no existing directory; "
+        "expected a file path in one, or - for stderr",
+    ),
+    param(
+        "accesslog-unknown-attribute",
+        before_end('  <AccessLog path="-"/>'),
+        "{path}:13: <AccessLog> has unknown attribute 'path'; expected: file",
+    ),
     # -- Failover, HealthCheck -------------------------------------------------------------------------
     param(
         "failover-cooldown-negative",
@@ -988,6 +999,11 @@ def test_hostile_client_defaults(tmp_path: Path) -> None:
     assert "CBC" not in DEFAULT_CIPHERS and "SHA:" not in DEFAULT_CIPHERS + ":"
     assert config.front_proxy == ()
     assert [str(n) for n in config.admin_allow] == ["127.0.0.1/32", "::1/128"]
+    assert config.access_log is None
+    assert load(write(tmp_path, before_end("  <AccessLog/>"), "stderr.conf")).access_log == "-"
+    assert load(write(tmp_path, before_end('  <AccessLog file="access.log"/>'), "file.conf")).access_log == str(
+        tmp_path.resolve() / "access.log"
+    )
 
 
 def test_hostile_client_elements_are_read(tmp_path: Path) -> None:
