@@ -16,6 +16,7 @@ import sys
 from app.lifecycle import activate, active
 from app.loader import ConfigError, load
 from app.settings import Config
+from app.shared import ENV_VAR, runtime_directory
 
 # -- Logging ----------------------------------------------------------------------
 # The app's decisions (pin learned, mismatch, instance down or back) go to
@@ -63,6 +64,18 @@ def _configuration() -> Config:
 
 
 _config = _configuration()
+
+# -- Node-wide state --------------------------------------------------------------------
+# The workers of this master share their instance slots through files in a
+# private runtime directory (app/shared.py): created once, by the master, and
+# named to every worker it forks; a reload keeps it. Without it each worker
+# would cap scanners_count on its own, so a failure stops start-up.
+if ENV_VAR not in os.environ:
+    try:
+        os.environ[ENV_VAR] = str(runtime_directory())
+    except OSError as exc:
+        sys.stderr.write(f"ctbalancer: cannot create the runtime directory for the workers' shared state: {exc}\n")
+        sys.exit(1)
 
 # -- Server socket -------------------------------------------------------------
 # The Balancer element's address and api_port.
@@ -134,6 +147,15 @@ accesslog = _config.access_log
 control_socket_disable = True
 
 # -- Server hooks -------------------------------------------------------------------
+
+
+def on_exit(server):
+    """Remove the runtime directory this master made (systemd removes its own RuntimeDirectory)."""
+    import shutil
+
+    path = os.environ.get(ENV_VAR, "")
+    if path and not os.environ.get("RUNTIME_DIRECTORY") and os.path.basename(path).startswith("ctbalancer-"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def post_worker_init(worker):

@@ -143,4 +143,6 @@ class Queue(Generic[C]):
                             f"{instance.name} has {instance.slots.count} requests in flight (scanners_count)"
                         )
                     return None
-                freed.wait(left)
+                # A slot another worker frees wakes nobody here: look again soon (app.shared).
+                poll = min((getattr(i.slots, "poll", left) for i in busy), default=left)
+                freed.wait(min(left, poll))

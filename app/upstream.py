@@ -35,6 +35,7 @@ from .pinning import NotConnected, PinningAdapter, unverified_context
 from .pins import PinStore
 from .selection import Selection, Slots
 from .settings import Config, InstanceSpec
+from .shared import NodeSlots, node_directory
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,13 @@ class Upstream:
             pool_maxsize=config.balancer.scanners_count,
             ssl_context=ssl_context,
         )
-        self.slots = Slots(config.balancer.scanners_count, freed)
+        shared = node_directory()
+        count = config.balancer.scanners_count
+        self.slots: Slots | NodeSlots = (
+            NodeSlots(shared / f"slots-{spec.host}_{spec.api_port}", count, freed)
+            if shared is not None
+            else Slots(count, freed)
+        )
         self.health = Health(
             spec.host,
             spec.api_port,

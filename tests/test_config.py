@@ -1241,4 +1241,4 @@ def test_gunicorn_conf_loads_neither_ssl_nor_http_libraries(tmp_path: Path) -> N
         "'certfile' in ns]))"
     )
     done = run(["-c", code], path)
-    assert json.loads(done.stdout) == [[], ["app", "app.lifecycle", "app.loader", "app.settings"], ["127.0.0.1:9443"], 2, False], done.stderr
+    assert json.loads(done.stdout) == [[], ["app", "app.lifecycle", "app.loader", "app.settings", "app.shared"], ["127.0.0.1:9443"], 2, False], done.stderr
