@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import struct
 import tempfile
 import threading
@@ -74,6 +75,10 @@ class NodeSlots:
         self._fd: int | None = None
         self._mine: list[int] = []
         self.poll = POLL_SECONDS
+        # Where to look first: a random place at start, then the byte this worker freed
+        # last; the bytes other workers hold are mostly elsewhere, and each failed try is
+        # a system call.
+        self._start = random.randrange(count)
 
     def _file(self) -> int:
         if self._fd is None:  # opened in the worker, on first use, and kept open (see the module docstring)
@@ -83,7 +88,8 @@ class NodeSlots:
     def try_acquire(self) -> bool:
         with self._freed:
             fd = self._file()
-            for byte in range(self.count):
+            for offset in range(self.count):
+                byte = (self._start + offset) % self.count
                 if byte in self._mine:
                     continue
                 try:
@@ -91,6 +97,7 @@ class NodeSlots:
                 except (BlockingIOError, PermissionError):
                     continue
                 self._mine.append(byte)
+                self._start = (byte + 1) % self.count
                 return True
             return False
 
@@ -98,6 +105,7 @@ class NodeSlots:
         with self._freed:
             byte = self._mine.pop()
             fcntl.lockf(self._file(), fcntl.LOCK_UN, 1, byte, os.SEEK_SET)
+            self._start = byte  # free now, and likely still free at this worker's next request
             self._freed.notify_all()
 
     @property
