@@ -15,17 +15,23 @@ like a failed one, tried again after each cooldown, since the pin check
 refuses before any byte is sent); with the default ``refuse`` requests still
 go to it and get the 500 that names it.
 
-One :class:`Health` per instance per worker, shared by all its greenlets.
-This module is pure (standard library only), so the rules are tested as plain
-functions with a fake clock.
+One :class:`Health` per instance per worker, shared by all its greenlets; its
+fields live in a state store, this process's (:class:`LocalState`) or the
+node's (:class:`app.shared.NodeState`), so one worker's failure takes the
+instance out for every worker. This module is pure (standard library only),
+so the rules are tested as plain functions with a fake clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    from .shared import NodeState
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,44 @@ DISABLED = "disabled"
 _UP, _FAILED, _MISMATCH = "up", "failed", "mismatch"
 
 
+class LocalState:
+    """The health of one instance kept in this process: what a single-process server shares."""
+
+    def __init__(self) -> None:
+        self.state = _UP
+        self.retry_at = 0.0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self._trial = False
+
+    def read(self) -> None:
+        """Refresh from where the state is kept (nothing to do here)."""
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[None]:
+        """Read, let the caller change the fields, and keep them (under :class:`Health`'s lock)."""
+        yield
+
+    def claim_trial(self) -> bool:
+        if self._trial:
+            return False
+        self._trial = True
+        return True
+
+    def end_trial(self) -> None:
+        self._trial = False
+
+    def trial_taken(self) -> bool:
+        return self._trial
+
+
 class Health:
-    """Whether requests may go to one instance now, and what happened to it last."""
+    """Whether requests may go to one instance now, and what happened to it last.
+
+    *state* keeps the fields: :class:`LocalState` in this process, or
+    :class:`app.shared.NodeState` for every worker of the node, where the
+    trial is a lock the kernel drops if its holder dies.
+    """
 
     def __init__(
         self,
@@ -53,6 +95,7 @@ class Health:
         quarantine_mismatch: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        state: "LocalState | NodeState | None" = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -61,31 +104,44 @@ class Health:
         self._clock = clock
         self._wall_clock = wall_clock
         # Created in the worker, after gevent has patched threading; the
-        # critical sections never block, so greenlets only pass through.
+        # critical sections never block on the network, so greenlets only pass through.
         self._lock = threading.Lock()
-        self._state = _UP
-        self._retry_at = 0.0
-        self._trial = False
-        #: The last failure's reason and its wall-clock time (seconds since the epoch).
-        self.last_error: str | None = None
-        self.last_error_at: float | None = None
+        self._s: LocalState | NodeState = state if state is not None else LocalState()
+
+    @property
+    def last_error(self) -> str | None:
+        """The last failure's reason."""
+        return self._s.last_error
+
+    @property
+    def last_error_at(self) -> float | None:
+        """The last failure's wall-clock time (seconds since the epoch)."""
+        return self._s.last_error_at
 
     # -- what requests see ----------------------------------------------------------
 
     @property
     def state(self) -> str:
         """UP, COOLING_DOWN, DOWN or MISMATCH."""
-        if self._state == _UP:
+        self._s.read()
+        return self._state_name()
+
+    def _state_name(self) -> str:
+        if self._s.state == _UP:
             return UP
-        if self._state == _MISMATCH:
+        if self._s.state == _MISMATCH:
             return MISMATCH
-        return COOLING_DOWN if self._clock() < self._retry_at else DOWN
+        return COOLING_DOWN if self._clock() < self._s.retry_at else DOWN
 
     def admissible(self) -> bool:
         """Whether a request could be sent now (without claiming the trial)."""
-        if self._state == _UP or self._refusing_mismatch():
+        self._s.read()
+        return self._admissible()
+
+    def _admissible(self) -> bool:
+        if self._s.state == _UP or self._refusing_mismatch():
             return True
-        return not self._trial and self._clock() >= self._retry_at
+        return not self._s.trial_taken() and self._clock() >= self._s.retry_at
 
     def admit(self) -> Ticket | None:
         """A ticket to send one request, or None while the instance must be skipped.
@@ -94,86 +150,98 @@ class Health:
         caller is refused until the trial has a verdict.
         """
         with self._lock:
-            if not self.admissible():
+            self._s.read()
+            if not self._admissible():
                 return None
-            trial = not (self._state == _UP or self._refusing_mismatch())
-            self._trial = self._trial or trial
-            return Ticket(self, trial)
+            if self._s.state == _UP or self._refusing_mismatch():
+                return Ticket(self, False)
+            if not self._s.claim_trial():
+                return None
+            return Ticket(self, True)
 
     def retry_in(self) -> float:
         """Seconds until a request may be admitted again (0 when it may now)."""
         if self.admissible():
             return 0.0
-        return max(self._retry_at - self._clock(), 0.0)
+        return max(self._s.retry_at - self._clock(), 0.0)
 
     # -- verdicts -------------------------------------------------------------------
 
     def succeeded(self, trial: bool = False) -> None:
         """The instance answered (or a probe passed): it is up."""
-        if not trial and self._state == _UP:
-            return  # nothing changes: most answers take no lock
+        if not trial:
+            self._s.read()
+            if self._s.state == _UP:
+                return  # nothing changes: most answers take no lock
         with self._lock:
-            if trial:
-                self._trial = False
-            if self._state != _UP:
-                log.warning(
-                    "instance %s:%s is back up (it was %s: %s)", self.host, self.port, self.state, self.last_error
-                )
-            self._state = _UP
+            with self._s.update():
+                if self._s.state != _UP:
+                    log.warning(
+                        "instance %s:%s is back up (it was %s: %s)",
+                        self.host, self.port, self._state_name(), self._s.last_error,
+                    )
+                self._s.state = _UP
+            if trial:  # after the verdict is kept: another worker must not see an ended trial and the old state
+                self._s.end_trial()
 
     def failed(self, reason: str, trial: bool = False) -> None:
         """The instance could not be reached or failed a request: skip it for the cooldown."""
         with self._lock:
+            with self._s.update():
+                self._note(reason)
+                if self._s.state == _UP:
+                    log.warning(
+                        "instance %s:%s is down (%s); skipping it for %g s", self.host, self.port, reason, self.cooldown
+                    )
+                elif trial:
+                    log.info("instance %s:%s is still down (%s)", self.host, self.port, reason)
+                self._s.state = _FAILED
+                self._s.retry_at = self._clock() + self.cooldown
             if trial:
-                self._trial = False
-            self._note(reason)
-            if self._state == _UP:
-                log.warning(
-                    "instance %s:%s is down (%s); skipping it for %g s", self.host, self.port, reason, self.cooldown
-                )
-            elif trial:
-                log.info("instance %s:%s is still down (%s)", self.host, self.port, reason)
-            self._state = _FAILED
-            self._retry_at = self._clock() + self.cooldown
+                self._s.end_trial()
 
     def mismatched(self, reason: str, trial: bool = False) -> None:
         """The instance presented a certificate other than its reference."""
         with self._lock:
+            with self._s.update():
+                self._mismatch(reason)
             if trial:
-                self._trial = False
-            self._note(reason)
-            if self._state != _MISMATCH and self.quarantine_mismatch:
-                log.warning(
-                    "instance %s:%s quarantined: %s; requests go to the other instances, "
-                    "and it is tried again every %g s until its reference is fixed",
-                    self.host,
-                    self.port,
-                    reason,
-                    self.cooldown,
-                )
-            self._state = _MISMATCH
-            self._retry_at = self._clock() + self.cooldown
+                self._s.end_trial()
+
+    def _mismatch(self, reason: str) -> None:
+        self._note(reason)
+        if self._s.state != _MISMATCH and self.quarantine_mismatch:
+            log.warning(
+                "instance %s:%s quarantined: %s; requests go to the other instances, "
+                "and it is tried again every %g s until its reference is fixed",
+                self.host,
+                self.port,
+                reason,
+                self.cooldown,
+            )
+        self._s.state = _MISMATCH
+        self._s.retry_at = self._clock() + self.cooldown
 
     def noted(self, reason: str) -> None:
         """Remember an error that says nothing about the instance's health (an unreadable reference)."""
-        with self._lock:
+        with self._lock, self._s.update():
             self._note(reason)
 
     def released(self, trial: bool) -> None:
         """The request ended without a verdict: let another request have the trial."""
         if trial:
             with self._lock:
-                self._trial = False
+                self._s.end_trial()
 
     # -- helpers --------------------------------------------------------------------
 
     def _refusing_mismatch(self) -> bool:
         # on_mismatch="refuse": requests still go, and get the 500 naming the instance.
-        return self._state == _MISMATCH and not self.quarantine_mismatch
+        return self._s.state == _MISMATCH and not self.quarantine_mismatch
 
     def _note(self, reason: str) -> None:
-        self.last_error = reason
-        self.last_error_at = self._wall_clock()
+        self._s.last_error = reason
+        self._s.last_error_at = self._wall_clock()
 
 
 class Ticket:

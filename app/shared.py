@@ -1,4 +1,4 @@
-"""State shared by all workers of one balancer: its runtime directory, and node-wide instance slots.
+"""State shared by all workers of one balancer: its runtime directory, node-wide slots and health.
 
 ``scanners_count`` caps the requests the whole node has in flight to one
 instance (docs/design.md, "One balancer per machine"). Slot *i* of an
@@ -21,13 +21,16 @@ without it (``flask run``, one process) slots are the process's own.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import random
 import struct
 import tempfile
 import threading
+import zlib
 from pathlib import Path
+from typing import Iterator
 
 #: The environment variable that names the runtime directory to the workers.
 ENV_VAR = "CTBALANCER_RUNTIME_DIR"
@@ -122,3 +125,105 @@ class NodeSlots:
                 if struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK:
                     held += 1
             return held
+
+
+#: Health files whose trial this process holds (see NodeState.claim_trial).
+_TRIALS_HERE: set[Path] = set()
+
+
+class NodeState:
+    """The health fields of one instance (:class:`app.health.LocalState`'s), kept for the whole node.
+
+    A fixed record at the start of the instance's health file, with a CRC so
+    that a read racing a write is read again. Changes are made under a record
+    lock on one byte beyond the record (held for a read, a change and a write,
+    never across a request); the half-open trial is a lock on the next byte,
+    taken without waiting and held by the worker whose request is the trial:
+    if that worker dies, the kernel drops it and another request becomes the
+    trial. Like the slots, the file stays open for the worker's life.
+    """
+
+    _RECORD = struct.Struct("<BdBd240s")
+    _UPDATE_BYTE = 4096
+    _TRIAL_BYTE = 4097
+    _STATES = ("up", "failed", "mismatch")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._trial_mine = False
+        self.state = "up"
+        self.retry_at = 0.0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    def _file(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._fd
+
+    def read(self) -> None:
+        size = self._RECORD.size + 4
+        for _ in range(5):
+            data = os.pread(self._file(), size, 0)
+            if len(data) < size:
+                return  # nothing written yet: up
+            payload, crc = data[:-4], int.from_bytes(data[-4:], "little")
+            if zlib.crc32(payload) == crc:
+                break
+        else:
+            return  # kept changing under us: keep what was read last
+        state, retry_at, has_error, error_at, error = self._RECORD.unpack(payload)
+        self.state = self._STATES[state] if state < len(self._STATES) else "up"
+        self.retry_at = retry_at
+        self.last_error = error.rstrip(b"\0").decode("utf-8", "replace") if has_error else None
+        self.last_error_at = error_at if has_error else None
+
+    def _write(self) -> None:
+        error = (self.last_error or "").encode("utf-8")[:240]
+        payload = self._RECORD.pack(
+            self._STATES.index(self.state),
+            self.retry_at,
+            self.last_error is not None,
+            self.last_error_at or 0.0,
+            error,
+        )
+        os.pwrite(self._file(), payload + zlib.crc32(payload).to_bytes(4, "little"), 0)
+
+    @contextlib.contextmanager
+    def update(self) -> Iterator[None]:
+        fd = self._file()
+        # Blocking, but only for another worker's read-change-write of a few microseconds;
+        # the caller holds its Health's in-process lock, so no greenlet of this worker waits here.
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, self._UPDATE_BYTE, os.SEEK_SET)
+        try:
+            self.read()
+            yield
+            self._write()
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, self._UPDATE_BYTE, os.SEEK_SET)
+
+    def claim_trial(self) -> bool:
+        # Record locks do not exclude within one process: this process's trials are kept here too.
+        if self._trial_mine or self.path in _TRIALS_HERE:
+            return False
+        try:
+            fcntl.lockf(self._file(), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._TRIAL_BYTE, os.SEEK_SET)
+        except (BlockingIOError, PermissionError):
+            return False
+        self._trial_mine = True
+        _TRIALS_HERE.add(self.path)
+        return True
+
+    def end_trial(self) -> None:
+        if self._trial_mine:
+            self._trial_mine = False
+            _TRIALS_HERE.discard(self.path)
+            fcntl.lockf(self._file(), fcntl.LOCK_UN, 1, self._TRIAL_BYTE, os.SEEK_SET)
+
+    def trial_taken(self) -> bool:
+        if self._trial_mine or self.path in _TRIALS_HERE:
+            return True
+        probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, self._TRIAL_BYTE, 1, 0)
+        answer = fcntl.fcntl(self._file(), fcntl.F_GETLK, probe)
+        return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK

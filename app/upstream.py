@@ -35,7 +35,7 @@ from .pinning import NotConnected, PinningAdapter, unverified_context
 from .pins import PinStore
 from .selection import Selection, Slots
 from .settings import Config, InstanceSpec
-from .shared import NodeSlots, node_directory
+from .shared import NodeSlots, NodeState, node_directory
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class Upstream:
             spec.api_port,
             config.failover.cooldown,
             quarantine_mismatch=config.failover.on_mismatch == "failover",
+            state=NodeState(shared / f"health-{spec.host}_{spec.api_port}") if shared is not None else None,
         )
 
     def send(self, prepared: PreparedRequest, timeout: tuple[float, float]) -> requests.Response:

@@ -1,0 +1,112 @@
+"""Passive health for the whole node: one worker's failure takes the instance out for every worker,
+exactly one request of the node is the trial after each cooldown, and a dead trial holder frees it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+from app.health import COOLING_DOWN, DOWN, UP, Health
+from app.shared import NodeState
+
+from .peers import Peer
+from .support import Spec, get, write_config
+
+
+class Refusing(Peer):
+    """Accepts TCP connections and closes them at once: every TLS handshake fails (nothing is sent)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        super().__init__()
+
+    def serve(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.times.append(time.monotonic())
+
+
+def test_one_failure_takes_the_instance_out_for_all_workers_and_one_trial_per_cooldown(
+    tmp_path, make_instance, start_balancer
+):
+    refusing = Refusing()
+    healthy = make_instance()
+    healthy.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"ok": True})
+    cooldown = 1.5
+    config = write_config(
+        tmp_path,
+        [Spec("127.0.0.1", refusing.port, 9001), Spec("127.0.0.1", healthy.port, 9002)],
+        workers=4,
+        extra=f'  <Failover cooldown="{cooldown}"/>\n',
+    )
+    balancer = start_balancer(config)
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def load() -> None:
+        while not stop.is_set():
+            statuses.append(get(balancer.port, "/api/v.1.1/suppliers").status)
+
+    try:
+        clients = [threading.Thread(target=load) for _ in range(8)]
+        for thread in clients:
+            thread.start()
+        time.sleep(7.0)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(30)
+        refusing.close()
+    assert set(statuses) == {200} and len(statuses) > 100
+    times = refusing.times
+    assert times, "the refusing instance was never tried"
+    # The first failure, and the requests that were already on their way to it at that moment.
+    burst = [t for t in times if t - times[0] < 0.3]
+    assert len(burst) <= 8
+    # Then one trial per cooldown for the whole node: with each worker on its own, every
+    # window would hold up to four.
+    trials = [t for t in times if t - times[0] >= 0.3]
+    assert 3 <= len(trials) <= 5, [round(t - times[0], 2) for t in times]
+    gaps = [b - a for a, b in zip([burst[-1]] + trials, trials)]
+    assert all(gap >= cooldown * 0.9 for gap in gaps), [round(g, 2) for g in gaps]
+    log = balancer.log()
+    assert log.count(f"instance 127.0.0.1:{refusing.port} is down") == 1
+
+
+def test_node_state_is_shared_and_a_dead_trial_holder_frees_the_trial(tmp_path) -> None:
+    path = tmp_path / "health-x"
+    clock = [100.0]
+    here = Health("x", 443, cooldown=10.0, clock=lambda: clock[0], state=NodeState(path))
+    here.failed("connection refused")
+    there = Health("x", 443, cooldown=10.0, clock=lambda: clock[0], state=NodeState(path))
+    assert (there.state, there.last_error) == (COOLING_DOWN, "connection refused")
+    clock[0] += 10
+    assert there.state == DOWN
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child takes the trial and waits to be killed
+        child = Health("x", 443, cooldown=10.0, clock=lambda: clock[0], state=NodeState(path))
+        ticket = child.admit()
+        os.write(ready_w, b"1" if ticket is not None and ticket.trial else b"0")
+        time.sleep(60)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
+        assert here.admit() is None  # another process holds the trial
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        ticket = here.admit()
+        assert ticket is not None and ticket.trial  # freed by the kernel
+        assert there.admit() is None
+        ticket.succeeded()
+        assert (there.state, here.state) == (UP, UP)
+        assert there.admit() is not None
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
