@@ -65,17 +65,6 @@ def _configuration() -> Config:
 
 _config = _configuration()
 
-# -- Node-wide state --------------------------------------------------------------------
-# The workers of this master share their instance slots through files in a
-# private runtime directory (app/shared.py): created once, by the master, and
-# named to every worker it forks; a reload keeps it. Without it each worker
-# would cap scanners_count on its own, so a failure stops start-up.
-if ENV_VAR not in os.environ:
-    try:
-        os.environ[ENV_VAR] = str(runtime_directory())
-    except OSError as exc:
-        sys.stderr.write(f"ctbalancer: cannot create the runtime directory for the workers' shared state: {exc}\n")
-        sys.exit(1)
 
 # -- Server socket -------------------------------------------------------------
 # The Balancer element's address and api_port.
@@ -147,6 +136,24 @@ accesslog = _config.access_log
 control_socket_disable = True
 
 # -- Server hooks -------------------------------------------------------------------
+
+
+# -- Node-wide state --------------------------------------------------------------------
+# The workers of this master share their instance slots and health through
+# files in a private runtime directory (app/shared.py): created once, by the
+# master before it forks, and named to every worker; a reload keeps it.
+# Without it each worker would keep its own, so a failure stops start-up.
+
+
+def on_starting(server):
+    """Create the runtime directory of the workers' shared state (once: reloads keep it)."""
+    if ENV_VAR in os.environ:
+        return
+    try:
+        os.environ[ENV_VAR] = str(runtime_directory())
+    except OSError as exc:
+        sys.stderr.write(f"ctbalancer: cannot create the runtime directory for the workers' shared state: {exc}\n")
+        sys.exit(1)
 
 
 def on_exit(server):
