@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import random
 import struct
@@ -31,6 +32,8 @@ import threading
 import zlib
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 #: The environment variable that names the runtime directory to the workers.
 ENV_VAR = "CTBALANCER_RUNTIME_DIR"
@@ -64,6 +67,22 @@ def node_directory() -> Path | None:
     return Path(value) if value else None
 
 
+def open_shared(path: Path) -> int:
+    """A descriptor of the shared file *path*, created if missing, kept open by the caller.
+
+    The runtime directory may have been removed under a running balancer (a
+    temporary-files cleaner, a careless ``rm``): it is made again, private,
+    and said in the log, rather than every request failing.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        log.warning("the runtime directory %s was removed; making it again (use systemd's RuntimeDirectory=)", path.parent)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return os.open(path, flags, 0o600)
+
+
 class NodeSlots:
     """``scanners_count`` slots of one instance, shared by every worker of the node.
 
@@ -85,7 +104,7 @@ class NodeSlots:
 
     def _file(self) -> int:
         if self._fd is None:  # opened in the worker, on first use, and kept open (see the module docstring)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = open_shared(self.path)
         return self._fd
 
     def try_acquire(self) -> bool:
@@ -159,7 +178,7 @@ class NodeState:
 
     def _file(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = open_shared(self.path)
         return self._fd
 
     def read(self) -> None:

@@ -159,3 +159,11 @@ def test_slots_without_a_runtime_directory_are_the_process_own() -> None:
     assert slots.try_acquire() and not slots.try_acquire()
     slots.release()
     assert slots.in_flight == 0
+
+
+def test_a_removed_runtime_directory_is_made_again(tmp_path) -> None:
+    shared = tmp_path / "run" / "shared"
+    slots = NodeSlots(shared / "slots-x", 1, threading.Condition())
+    assert slots.try_acquire()  # the directory did not exist: made, private
+    assert shared.stat().st_mode & 0o777 == 0o700
+    slots.release()
