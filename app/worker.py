@@ -100,14 +100,16 @@ class BalancerWorker(GeventWorker):
         client.settimeout(self.client_timeout)
         peer = _peer(addr)
         req = None
+        handshaken = not isinstance(client, ssl.SSLSocket)
         try:
             listener_name = listener.getsockname()
             paced = PacedSocket(client, self.client_timeout)
             with gevent.Timeout(self.client_timeout, ClientTooSlow("TLS handshake and request head")):
-                if isinstance(client, ssl.SSLSocket):
+                if not handshaken:
                     client.do_handshake()
+                    handshaken = True
                 parser = http.get_parser(self.cfg, client, addr)
-                req = next(parser)
+                req = self._head(parser, "request head")
             while req:
                 paced.request = req
                 self.handle_request(listener_name, req, paced, addr)
@@ -115,7 +117,7 @@ class BalancerWorker(GeventWorker):
                     break
                 req = None
                 with gevent.Timeout(self.client_timeout, ClientTooSlow("request head")):
-                    req = next(parser)
+                    req = self._head(parser, "request head")
         except (StopIteration, http_errors.NoMoreData):
             pass
         except ClientTooSlow as exc:
@@ -124,7 +126,7 @@ class BalancerWorker(GeventWorker):
             # Closed before or during the handshake: TCP health checks, port scans.
             log.debug("client %s closed the connection during the TLS handshake", peer)
         except ssl.SSLError as exc:
-            if req is None:
+            if not handshaken:
                 log.info("TLS handshake with %s failed: %s", peer, _quote(exc.reason or exc.strerror or str(exc)))
             else:
                 log.debug("TLS error with %s: %s", peer, exc)
@@ -138,6 +140,14 @@ class BalancerWorker(GeventWorker):
             self.handle_error(req, client, addr, exc)
         finally:
             util.close(client)
+
+    @staticmethod
+    def _head(parser, what: str):  # type: ignore[no-untyped-def]
+        """The next request head; a socket silent for the client timeout meanwhile is a slow head."""
+        try:
+            return next(parser)
+        except TimeoutError:
+            raise ClientTooSlow(what) from None
 
     def _next_request_begins(self, client, parser) -> bool:  # type: ignore[no-untyped-def]
         """Wait, up to ``keepalive`` seconds, for the first byte of the next request on a kept-alive connection."""
