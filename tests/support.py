@@ -274,3 +274,12 @@ def get(port: int, target: str, method: str = "GET", headers: dict[str, str] | N
     if body:
         lines.append(f"Content-Length: {len(body)}")
     return raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+
+
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL a forked child and collect it, whether or not it is still there."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass

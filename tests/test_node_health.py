@@ -13,7 +13,7 @@ from app.health import COOLING_DOWN, DOWN, UP, Health
 from app.shared import NodeState
 
 from .peers import Peer
-from .support import Spec, get, write_config
+from .support import Spec, get, kill_and_reap, write_config
 
 
 class Refusing(Peer):
@@ -105,8 +105,4 @@ def test_node_state_is_shared_and_a_dead_trial_holder_frees_the_trial(tmp_path) 
         assert (there.state, here.state) == (UP, UP)
         assert there.admit() is not None
     finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        kill_and_reap(pid)

@@ -14,7 +14,7 @@ from werkzeug import Response
 from app.shared import NodeSlots
 from app.selection import Slots
 
-from .support import get, write_config
+from .support import get, kill_and_reap, write_config
 
 
 
@@ -147,11 +147,7 @@ def test_node_slots_are_exclusive_between_processes_and_freed_by_death(tmp_path)
         here.release()
         assert here.in_flight == 0
     finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+        kill_and_reap(pid)
 
 
 def test_slots_without_a_runtime_directory_are_the_process_own() -> None:
