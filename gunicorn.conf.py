@@ -166,12 +166,16 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
-    """Start this worker's active health checks (HealthCheck interval, docs/design.md, "Failover").
+    """Register this worker with the node, and start its health checks (HealthCheck interval).
 
     Imported here, in the worker, after gevent has patched: a probe loop is
-    then a greenlet. Nothing starts when the interval is 0 (the default).
+    then a greenlet. No probe starts when the interval is 0 (the default).
     """
     from app.probe import start
     from app.proxy import EXTENSION
+    from app.shared import node_directory, register_worker
 
+    shared = node_directory()
+    if shared is not None:
+        register_worker(shared)
     start(worker.wsgi.extensions[EXTENSION])

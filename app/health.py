@@ -78,6 +78,13 @@ class LocalState:
     def trial_taken(self) -> bool:
         return self._trial
 
+    def count_answer(self) -> None:
+        self._answers = getattr(self, "_answers", 0) + 1
+
+    @property
+    def answers(self) -> int:
+        return getattr(self, "_answers", 0)
+
 
 class Health:
     """Whether requests may go to one instance now, and what happened to it last.
@@ -164,6 +171,14 @@ class Health:
         if self.admissible():
             return 0.0
         return max(self._s.retry_at - self._clock(), 0.0)
+
+    @property
+    def answers(self) -> int:
+        """Answers received from the instance (by the node, with node state) since start."""
+        return self._s.answers
+
+    def count_answer(self) -> None:
+        self._s.count_answer()
 
     # -- verdicts -------------------------------------------------------------------
 

@@ -222,6 +222,23 @@ class NodeState:
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, self._UPDATE_BYTE, os.SEEK_SET)
 
+    _COUNTER_OFFSET = 1024
+
+    def count_answer(self) -> None:
+        """One more answer received from the instance, for the whole node (under the update lock)."""
+        fd = self._file()
+        fcntl.lockf(fd, fcntl.LOCK_EX, 1, self._UPDATE_BYTE, os.SEEK_SET)
+        try:
+            value = int.from_bytes(os.pread(fd, 8, self._COUNTER_OFFSET).ljust(8, b"\0"), "little")
+            os.pwrite(fd, (value + 1).to_bytes(8, "little"), self._COUNTER_OFFSET)
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, self._UPDATE_BYTE, os.SEEK_SET)
+
+    @property
+    def answers(self) -> int:
+        """Answers received from the instance by every worker since the master started."""
+        return int.from_bytes(os.pread(self._file(), 8, self._COUNTER_OFFSET).ljust(8, b"\0"), "little")
+
     def claim_trial(self) -> bool:
         # Record locks do not exclude within one process: this process's trials are kept here too.
         if self._trial_mine or self.path in _TRIALS_HERE:
@@ -246,3 +263,48 @@ class NodeState:
         probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, self._TRIAL_BYTE, 1, 0)
         answer = fcntl.fcntl(self._file(), fcntl.F_GETLK, probe)
         return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+
+# -- the node's live workers ------------------------------------------------------------------
+
+_registration: int | None = None
+
+
+def register_worker(directory: Path) -> None:
+    """Say that this process is a live worker: a lock on its ``worker-<pid>`` file, held for its life."""
+    global _registration
+    if _registration is not None:
+        return
+    fd = open_shared(directory / f"worker-{os.getpid()}")
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+    _registration = fd
+
+
+def live_workers(directory: Path) -> list[int]:
+    """The pids of the node's live workers; the files of dead ones (their lock dropped) are removed."""
+    live = []
+    for entry in directory.glob("worker-*"):
+        try:
+            pid = int(entry.name.split("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            live.append(pid)
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+            held = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, probe))[0] != fcntl.F_UNLCK
+        finally:
+            os.close(fd)  # a file this process never locks: closing it drops nothing
+        if held:
+            live.append(pid)
+        else:
+            try:
+                entry.unlink()
+            except FileNotFoundError:
+                pass
+    return sorted(live)

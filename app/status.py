@@ -27,6 +27,7 @@ from . import accesslog, probe
 from .errors import BalancerError, Forbidden, MethodNotAllowed, RequestNotAllowed, json_body
 from .health import DISABLED, NOT_PINNED, UP
 from .pins import inspect_reference, sha256
+from .shared import live_workers
 from .settings import InstanceSpec, allows
 from .upstream import Balancer
 
@@ -83,9 +84,11 @@ class ReservedPaths:
     def status(self) -> dict[str, Any]:
         config = self.balancer.config
         upstreams = {u.spec: u for u in self.balancer.upstreams}
+        shared = self.balancer.shared
         return {
+            "scope": "node",
+            "workers": live_workers(shared) if shared is not None else [os.getpid()],
             "worker_pid": os.getpid(),
-            "scope": "this worker process: each gunicorn worker keeps its own view of the instances",
             "configuration": str(config.path),
             "instances": [self.instance(spec, upstreams.get(spec)) for spec in config.instances],
         }
@@ -94,10 +97,10 @@ class ReservedPaths:
         path = self.balancer.store.path_for(spec)
         fingerprint, problem = _fingerprint(path)
         if upstream is None:
-            state, in_flight, error, error_at = DISABLED, 0, None, None
+            state, in_flight, answers, error, error_at = DISABLED, 0, 0, None, None
         else:
             health = upstream.health
-            state, in_flight = health.state, upstream.slots.in_flight
+            state, in_flight, answers = health.state, upstream.slots.in_flight, health.answers
             error, error_at = health.last_error, health.last_error_at
             if state == UP and fingerprint is None and problem is None:
                 state = NOT_PINNED
@@ -108,6 +111,7 @@ class ReservedPaths:
             "enabled": spec.enabled,
             "state": state,
             "in_flight": in_flight,
+            "requests_total": answers,
             "last_error": error,
             "last_error_at": _iso(error_at),
             "reference": str(path),

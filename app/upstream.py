@@ -305,6 +305,8 @@ class Balancer:
             Upstream(spec, store, config, self.ssl_context, self.freed) for spec in config.enabled_instances
         ]
         self.selection = Selection(self.upstreams, self.freed)
+        #: The node's runtime directory (None for a single process such as flask run).
+        self.shared = node_directory()
         #: Set by app.probe once this worker's probe loops run.
         self.probing = False
         #: Disk this worker may fill with held bodies and answers (Limits spool_bytes).

@@ -106,3 +106,29 @@ def test_node_state_is_shared_and_a_dead_trial_holder_frees_the_trial(tmp_path) 
         assert there.admit() is not None
     finally:
         kill_and_reap(pid)
+
+
+def test_status_is_the_node_view_whichever_worker_answers(tmp_path, make_instance, start_balancer):
+    from .support import free_port
+
+    up = make_instance()
+    up.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"ok": True})
+    refused = free_port()
+    config = write_config(
+        tmp_path, [Spec("127.0.0.1", up.port, 9001), Spec("127.0.0.1", refused, 9002)], workers=4,
+        extra='  <Failover cooldown="60"/>\n',
+    )
+    balancer = start_balancer(config)
+    assert {get(balancer.port, "/api/v.1.1/suppliers").status for _ in range(30)} == {200}
+    answers = [get(balancer.port, "/_balancer/status").json() for _ in range(20)]
+    views = {
+        (
+            tuple(a["workers"]),
+            tuple((i["state"], i["requests_total"], i["in_flight"], i["last_error"]) for i in a["instances"]),
+        )
+        for a in answers
+    }
+    assert len(views) == 1, views
+    (workers, instances), = views
+    assert len(workers) == 4 and all(a["scope"] == "node" for a in answers)
+    assert instances == (("up", 30, 0, None), ("cooling down", 0, 0, "connection refused"))

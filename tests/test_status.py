@@ -16,7 +16,7 @@ from .ha_support import ScriptedInstance
 from .support import ROOT, Spec, free_port, get, leaf_der, write_config
 
 ISO_SECOND = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-SCOPE = "this worker process: each gunicorn worker keeps its own view of the instances"
+SCOPE = "node"
 
 
 def status(port: int) -> dict:
@@ -46,6 +46,7 @@ def entry(host: str, port: int, matching: int, reference: Path, **changes: objec
         "enabled": True,
         "state": "up",
         "in_flight": 0,
+        "requests_total": 0,
         "last_error": None,
         "last_error_at": None,
         "reference": str(reference),
@@ -75,8 +76,9 @@ def test_health_and_status_answer_exact_json_per_worker(tmp_path, make_instance,
     assert Path(f"/proc/{pid}/stat").read_text().split()[3] == str(balancer.proc.pid)
 
     assert status(balancer.port) == {
-        "worker_pid": pid,
         "scope": SCOPE,
+        "workers": [pid],
+        "worker_pid": pid,
         "configuration": str(path),
         "instances": [
             entry("127.0.0.1", up.port, 9001, certs / "127.0.0.1_9001.pem", state="not yet pinned"),
@@ -94,11 +96,12 @@ def test_health_and_status_answer_exact_json_per_worker(tmp_path, make_instance,
     failed_at = body["instances"][1]["last_error_at"]
     assert ISO_SECOND.fullmatch(failed_at), failed_at
     assert body == {
-        "worker_pid": pid,
         "scope": SCOPE,
+        "workers": [pid],
+        "worker_pid": pid,
         "configuration": str(path),
         "instances": [
-            entry("127.0.0.1", up.port, 9001, certs / "127.0.0.1_9001.pem", reference_sha256=sha256(up.der)),
+            entry("127.0.0.1", up.port, 9001, certs / "127.0.0.1_9001.pem", reference_sha256=sha256(up.der), requests_total=2),
             entry(
                 "127.0.0.1", refused, 9002, certs / "127.0.0.1_9002.pem", state="cooling down",
                 last_error="connection refused", last_error_at=failed_at,
