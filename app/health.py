@@ -81,6 +81,9 @@ class LocalState:
     def count_answer(self) -> None:
         self._answers = getattr(self, "_answers", 0) + 1
 
+    def claim_prober(self) -> bool:
+        return True  # one process: it probes
+
     @property
     def answers(self) -> int:
         return getattr(self, "_answers", 0)
@@ -179,6 +182,10 @@ class Health:
 
     def count_answer(self) -> None:
         self._s.count_answer()
+
+    def claim_prober(self) -> bool:
+        """Whether this worker's probe loop probes the instance: one worker of the node does."""
+        return self._s.claim_prober()
 
     # -- verdicts -------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Active health checks: each worker connects to each enabled instance on an interval and checks its pin.
+"""Active health checks: one worker of the node connects to each enabled instance on an interval and checks its pin.
 
 A probe opens a TCP connection, completes the TLS handshake and compares the
 certificate the instance presented with its reference file, then closes the
@@ -47,7 +47,10 @@ def _loop(balancer: Balancer, upstream: Upstream, interval: float) -> None:
     time.sleep(random.uniform(0, min(interval, 1.0)))
     while True:
         try:
-            probe(balancer, upstream)
+            # One worker of the node probes each instance; when it dies, its lock goes and
+            # another worker's loop takes over at its next turn (within one interval).
+            if upstream.health.claim_prober():
+                probe(balancer, upstream)
         except Exception:  # a bug here must not end the checks of this instance
             log.exception("probe of instance %s failed unexpectedly", upstream.spec.name)
         time.sleep(interval)

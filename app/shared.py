@@ -171,6 +171,7 @@ class NodeState:
         self.path = path
         self._fd: int | None = None
         self._trial_mine = False
+        self._prober_mine = False
         self.state = "up"
         self.retry_at = 0.0
         self.last_error: str | None = None
@@ -223,6 +224,17 @@ class NodeState:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, self._UPDATE_BYTE, os.SEEK_SET)
 
     _COUNTER_OFFSET = 1024
+    _PROBER_BYTE = 4098
+
+    def claim_prober(self) -> bool:
+        """Whether this worker probes the instance for the node: the first to lock a byte, until it dies."""
+        if not self._prober_mine:
+            try:
+                fcntl.lockf(self._file(), fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._PROBER_BYTE, os.SEEK_SET)
+            except (BlockingIOError, PermissionError):
+                return False
+            self._prober_mine = True
+        return True
 
     def count_answer(self) -> None:
         """One more answer received from the instance, for the whole node (under the update lock)."""

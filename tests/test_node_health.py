@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 
 from app.health import COOLING_DOWN, DOWN, UP, Health
 from app.shared import NodeState
@@ -132,3 +133,48 @@ def test_status_is_the_node_view_whichever_worker_answers(tmp_path, make_instanc
     (workers, instances), = views
     assert len(workers) == 4 and all(a["scope"] == "node" for a in answers)
     assert instances == (("up", 30, 0, None), ("cooling down", 0, 0, "connection refused"))
+
+
+def test_probes_run_once_per_node_and_another_worker_takes_over(tmp_path, ca, start_balancer):
+    from .peers import RecordingPeer, context_from_pem
+
+    cert = ca.issue_cert("127.0.0.1")
+    handshakes: list[float] = []
+
+    class Counting(RecordingPeer):
+        def serve(self, conn: socket.socket) -> None:
+            with self.context.wrap_socket(conn, server_side=True) as tls:
+                with self._lock:
+                    handshakes.append(time.monotonic())
+                self.drain(tls)
+
+    peer = Counting(context_from_pem(cert.cert_chain_pems[0].bytes(), cert.private_key_pem.bytes(), tmp_path))
+    try:
+        config = write_config(
+            tmp_path, [Spec("127.0.0.1", peer.port, 9001)], workers=4, extra='  <HealthCheck interval="1"/>\n'
+        )
+        balancer = start_balancer(config)
+        deadline = time.monotonic() + 10
+        while not handshakes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handshakes, "no probe came"
+        start = handshakes[0]
+        time.sleep(10.05 - (time.monotonic() - start))
+        in_ten_seconds = [t for t in handshakes if t - start < 10]
+        # One probe per interval for the whole node; each of the 4 workers on its own would make ~40.
+        assert 9 <= len(in_ten_seconds) <= 11, len(in_ten_seconds)
+
+        # The probing worker dies: another takes over within one interval.
+        prober = next(
+            pid for pid in (int(p) for p in Path(f"/proc/{balancer.proc.pid}/task/{balancer.proc.pid}/children").read_text().split())
+            if any(l.split()[4] == str(pid) and l.split()[1] == "POSIX" for l in Path("/proc/locks").read_text().splitlines()
+                   if len(l.split()) > 7 and l.split()[6] == "4098")
+        )
+        os.kill(prober, signal.SIGKILL)
+        killed = time.monotonic()
+        time.sleep(3.5)
+        after = [t for t in handshakes if t > killed]
+        assert after and after[0] - killed <= 2.1, [round(t - killed, 2) for t in after]
+        assert 2 <= len(after) <= 5
+    finally:
+        peer.close()
