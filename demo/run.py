@@ -7,7 +7,10 @@ Everything lives in ``.demo/`` and listens on loopback only:
 3. a ``kl_balancer.conf`` naming them, and ``gunicorn -c gunicorn.conf.py wsgi:app``;
 4. ``GET /api/v.1.1/suppliers`` through the balancer, once per instance, and
    the reference certificates it learned with their SHA-256;
-5. serving until Ctrl-C (``--once`` stops here instead).
+5. instance A restarted with a new certificate: the balancer refuses it with
+   the 500 that names it and logs the ``pins trust`` command, the command is
+   run, and A serves again; then the node's status;
+6. serving until Ctrl-C (``--once`` stops here instead).
 """
 
 from __future__ import annotations
@@ -79,6 +82,58 @@ CONFIG = """<?xml version="1.0" encoding="utf-8"?>
 """
 
 
+def start_instance(name: str, port: int) -> subprocess.Popen:
+    log = open(WORK / f"instance_{name}.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "demo.instance", "--host", "127.0.0.1", "--port", str(port),
+         "--cert", str(WORK / f"instance_{name}.pem"), "--key", str(WORK / f"instance_{name}.key"),
+         "--name", name, "--log", str(WORK / f"instance_{name}.requests")],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port, proc, f"instance {name}")
+    return proc
+
+
+def rotate(procs: list[subprocess.Popen], ports: dict[str, int], api_port: int, cafile: Path, config: Path) -> None:
+    """The seed's story: instance A's certificate changes, A is refused, the operator trusts it, A serves again."""
+    print("\nInstance A restarts with a new certificate (renewed by its operator, or an impostor):")
+    a = procs.pop(0)
+    a.terminate()
+    a.wait(10)
+    make_self_signed(WORK / "instance_A.pem", WORK / "instance_A.key", "127.0.0.1", "demo instance A, renewed")
+    procs.insert(0, start_instance("A", ports["A"]))
+    new_fp = sha256(ssl.PEM_cert_to_DER_cert((WORK / "instance_A.pem").read_text()))
+    for _ in range(8):  # the workers take the instances in turn
+        status, body = fetch(api_port, cafile, "/api/v.1.1/suppliers")
+        if status == 500:
+            answer = json.loads(body)
+            print(f"GET /api/v.1.1/suppliers -> 500 {answer['error']}:\n    {answer['description']}")
+            break
+    log = (WORK / "balancer.log").read_text(errors="replace")
+    line = next((ln for ln in log.splitlines() if "certificate mismatch for instance" in ln), "")
+    print(f"The balancer's log:\n    {line.split('app.pins: ', 1)[-1]}")
+    command = ["flask", "--app", "wsgi", "pins", "trust", f"127.0.0.1:{ports['A']}", "--sha256", new_fp]
+    print(f"\nThe operator checks the new fingerprint on the instance and runs:\n    {' '.join(command)}")
+    done = subprocess.run(
+        [sys.executable, "-m", *command], cwd=ROOT, env={**os.environ, "BALANCER_CONFIG": str(config)},
+        capture_output=True, text=True, timeout=60,
+    )
+    for out_line in (done.stdout + done.stderr).strip().splitlines():
+        print(f"    {out_line}")
+    time.sleep(1.2)  # running workers pick a changed reference up within a second
+    for _ in range(8):
+        status, body = fetch(api_port, cafile, "/api/v.1.1/suppliers")
+        if status == 200 and json.loads(body).get("instance") == "A":
+            print("GET /api/v.1.1/suppliers -> 200, answered by instance A again")
+            break
+    status, body = fetch(api_port, cafile, "/_balancer/status")
+    node = json.loads(body)
+    print(f"\nGET /_balancer/status -> {status}: scope {node['scope']}, workers {node['workers']}")
+    for item in node["instances"]:
+        print(f"    {item['host']}:{item['api_port']}  {item['state']}, {item['requests_total']} answers, "
+              f"last error: {item['last_error']}")
+
+
 def fetch(port: int, cafile: Path, path: str) -> tuple[int, str]:
     context = ssl.create_default_context(cafile=str(cafile))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
@@ -122,15 +177,7 @@ def main() -> int:
 
     try:
         for name, port in ports.items():
-            log = open(WORK / f"instance_{name}.log", "wb")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "demo.instance", "--host", "127.0.0.1", "--port", str(port),
-                 "--cert", str(WORK / f"instance_{name}.pem"), "--key", str(WORK / f"instance_{name}.key"),
-                 "--name", name, "--log", str(WORK / f"instance_{name}.requests")],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            )
-            procs.append(proc)
-            wait_for_port(port, proc, f"instance {name}")
+            procs.append(start_instance(name, port))
         balancer_log = open(WORK / "balancer.log", "wb")
         balancer = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
@@ -161,6 +208,7 @@ def main() -> int:
         print("\nReference certificates learned on first contact:")
         for pem in sorted((WORK / "certs").glob("*.pem")):
             print(f"    {shown(pem)}  sha256 {sha256(read_reference(pem))}")
+        rotate(procs, ports, api_port, cafile, config)
         print(
             f"\nTry it:  curl --cacert {shown(cafile)} https://127.0.0.1:{api_port}/api/v.1.1/suppliers\n"
             f"Logs:    {shown(WORK)}/balancer.log"

@@ -28,3 +28,12 @@ def test_demo_answers_through_both_instances_and_shows_references(tmp_path):
     assert "GET /api/v.1.1/../admin -> 400 invalid_path (nothing was sent)" in out
     refs = re.findall(r"certs/(\S+\.pem)  sha256 ([0-9a-f]{64})", out)
     assert sorted(name for name, _ in refs) == ["127.0.0.1_9999.pem", "localhost_9999.pem"]
+    # The seed's story: A's certificate changes, A is refused by name, the operator trusts it, A serves.
+    assert "GET /api/v.1.1/suppliers -> 500 certificate_mismatch:" in out
+    assert re.search(r"HTTPS connection with the CyberTrace instance 127\.0\.0\.1:\d+ has not been established", out)
+    fp = re.search(r"accept it with: flask --app wsgi pins trust 127\.0\.0\.1:\d+ --sha256 ([0-9a-f]{64})", out)
+    assert fp, out
+    assert f"now holds sha256 {fp.group(1)}" in out
+    assert "GET /api/v.1.1/suppliers -> 200, answered by instance A again" in out
+    assert re.search(r"GET /_balancer/status -> 200: scope node, workers \[\d+, \d+\]", out)
+
