@@ -150,10 +150,14 @@ def on_starting(server):
     if ENV_VAR in os.environ:
         return
     try:
-        os.environ[ENV_VAR] = str(runtime_directory())
+        shared = runtime_directory()
+        # prometheus_client's multiprocess files (app/metrics.py); the master never imports it.
+        (shared / "metrics").mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         sys.stderr.write(f"ctbalancer: cannot create the runtime directory for the workers' shared state: {exc}\n")
         sys.exit(1)
+    os.environ[ENV_VAR] = str(shared)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared / "metrics")
 
 
 def on_exit(server):
@@ -178,4 +182,7 @@ def post_worker_init(worker):
     shared = node_directory()
     if shared is not None:
         register_worker(shared)
+        from app.metrics import fold_dead_workers
+
+        fold_dead_workers()  # the files of workers that died before this one started
     start(worker.wsgi.extensions[EXTENSION])

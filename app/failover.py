@@ -31,6 +31,7 @@ from typing import Callable
 
 from .errors import BalancerError, CertificateMismatch, InstanceError, InstanceTimeout
 from .health import Ticket
+from . import metrics
 from .settings import Failover, Timeouts
 from .upstream import AfterSend, Answer, Balancer, NotSent, Outgoing, Upstream
 
@@ -232,8 +233,10 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
                 if outcome.answer is not None:
                     outcome.answer.attempts = attempts
                     outcome.answer.head_seconds = deadline.clock() - started
+                    metrics.RESPONSE_SECONDS.labels(upstream.name).observe(outcome.answer.head_seconds)
                 if outcome.error is not None:
                     outcome.error.attempts = attempts
+                _count(upstream.name, outcome)
                 if outcome.kind in (NOT_SENT, MISMATCH):
                     deadline.spent_connecting(deadline.clock() - started)
                 used = id(upstream) in second_chances
@@ -278,6 +281,24 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
     refusal = balancer.no_instance(queue.reasons)
     refusal.attempts = attempts
     raise refusal
+
+
+#: The ``reason`` label of ctbalancer_instance_failures_total for each failed outcome.
+_FAILURE_REASONS = {DROPPED: "dropped", FAILED: "invalid_answer", TIMEOUT: "timeout", MISMATCH: "mismatch"}
+
+
+def _count(instance: str, outcome: Outcome) -> None:
+    if outcome.answer is not None:
+        metrics.INSTANCE_REQUESTS.labels(instance, str(outcome.answer.response.status_code)).inc()
+        return
+    if outcome.kind == NOT_SENT:
+        reason = "tls" if "TLS" in outcome.reason else "connect"
+    else:
+        reason = _FAILURE_REASONS.get(outcome.kind)
+    if reason is not None:
+        metrics.INSTANCE_FAILURES.labels(instance, reason).inc()
+    if outcome.kind == MISMATCH:
+        metrics.PIN_MISMATCH.labels(instance).inc()
 
 
 def _discard(answer: Answer | None) -> None:

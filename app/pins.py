@@ -561,6 +561,9 @@ class PinStore:
             path,
             ref.sha256,
         )
+        from . import metrics  # here: app.metrics reads references through this module
+
+        metrics.PIN_LEARNED.labels(instance.name).inc()
         return ref
 
     def _unsaved(self, instance: InstanceSpec, path: Path, exc: OSError) -> ReferenceUnsaved:

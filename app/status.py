@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 from werkzeug.wrappers import Request, Response
 
-from . import accesslog, probe
+from . import accesslog, metrics, probe
 from .errors import BalancerError, Forbidden, MethodNotAllowed, RequestNotAllowed, json_body
 from .health import DISABLED, NOT_PINNED, UP
 from .pins import inspect_reference, sha256
@@ -46,13 +46,19 @@ class ReservedPaths:
     def __init__(self, app: WSGIApp, balancer: Balancer) -> None:
         self.app = app
         self.balancer = balancer
-        self.views = {"/health": self.health, "/status": self.status}
+        self.views = {"/health": self.health, "/status": self.status, "/metrics": self.metrics}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         probe.start(self.balancer)
         path = environ.get("PATH_INFO", "")
         if path != PREFIX and not path.startswith(PREFIX + "/"):
-            return self.app(environ, start_response)
+
+            def counted(status: str, headers: list, exc_info: Any = None) -> Any:
+                # Every answer to a client is counted; the balancer's own pages are not.
+                metrics.count_answer(status, environ.get(accesslog.KEY, {}).get("error"))
+                return start_response(status, headers, exc_info)
+
+            return self.app(environ, counted)
         return self.serve(Request(environ))(environ, start_response)
 
     def serve(self, request: Request) -> Response:
@@ -66,17 +72,23 @@ class ReservedPaths:
                 raise Forbidden(f"{request.path} may be read from the addresses of <Admin allow> only.")
             if view is None:
                 raise RequestNotAllowed(
-                    f"{request.path} is not a path of the balancer; it serves {PREFIX}/health and {PREFIX}/status."
+                    f"{request.path} is not a path of the balancer; it serves {PREFIX}/health, {PREFIX}/status and {PREFIX}/metrics."
                 )
             if request.method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"{request.method} is not allowed for this path; allowed: GET, HEAD.", ["GET", "HEAD"])
-            response = Response(json_body(view()), status=200, mimetype="application/json")
+            if view == self.metrics:
+                response = Response(view(), status=200, content_type=metrics.CONTENT_TYPE)
+            else:
+                response = Response(json_body(view()), status=200, mimetype="application/json")
         except BalancerError as exc:
             accesslog.note(request.environ, error=exc.code)
             response = exc.get_response()
         # Each answer is one moment's view.
         response.headers["Cache-Control"] = "no-store"
         return response
+
+    def metrics(self) -> bytes:
+        return metrics.exposition(self.balancer)
 
     def health(self) -> dict[str, Any]:
         return {"status": "serving", "worker_pid": os.getpid()}

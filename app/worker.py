@@ -168,6 +168,9 @@ class BalancerWorker(GeventWorker):
             super().handle_error(req, client, addr, exc)
             return
         log.info("invalid request from %s: %s %s", _peer(addr), code, _quote(str(exc)))
+        from . import metrics  # in the worker only: it loads ssl
+
+        metrics.count_answer(str(status), code)
         description = {
             400: "The request is malformed.",
             414: "The request line is too long.",

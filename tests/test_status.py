@@ -146,7 +146,7 @@ def test_reserved_paths_are_never_forwarded_whatever_the_rules(tmp_path, ca, sta
         "/_balancer/x": 404,
         "/_balancer": 404,
         "/_balancer/": 404,
-        "/_balancer/metrics": 404,
+        "/_balancer/metrics": 200,
         "/_balancer/status/": 404,
     }
     assert answers["/_balancer/health"].header("Allow") == "GET, HEAD"
@@ -155,9 +155,9 @@ def test_reserved_paths_are_never_forwarded_whatever_the_rules(tmp_path, ca, sta
         "description": "POST is not allowed for this path; allowed: GET, HEAD.",
         "allowed_methods": ["GET", "HEAD"],
     }
-    assert answers["/_balancer/metrics"].json() == {
+    assert answers["/_balancer/x"].json() == {
         "error": "request_not_allowed",
-        "description": "/_balancer/metrics is not a path of the balancer; it serves /_balancer/health and /_balancer/status.",
+        "description": "/_balancer/x is not a path of the balancer; it serves /_balancer/health, /_balancer/status and /_balancer/metrics.",
     }
     # Only the control request, outside /_balancer/, reached the instance.
     assert control.status == 200
