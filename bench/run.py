@@ -384,6 +384,59 @@ def start_balancer(name: str, work: Path, instance_port: int, workers: int, tls:
     return proc, port, base
 
 
+def shared_state_cost(work: Path, pairs: int = 200_000) -> dict:
+    """CPU per request of the node-wide state (app/shared.py) against a worker's own, in this process.
+
+    One request takes and frees a slot, reads its instance's health three
+    times (queue, admission, verdict) and counts the answer (requests_total);
+    the two halves are timed separately.
+    """
+    import threading
+
+    sys.path.insert(0, str(ROOT))
+    from app.health import Health
+    from app.selection import Slots
+    from app.shared import NodeSlots, NodeState
+
+    def per_pair(action) -> float:  # type: ignore[no-untyped-def]
+        started = time.process_time()
+        for _ in range(pairs):
+            action()
+        return (time.process_time() - started) / pairs * 1e6
+
+    local_slots, node_slots = Slots(100, threading.Condition()), NodeSlots(work / "slots-bench", 100, threading.Condition())
+    local_health = Health("bench", 1, 10.0)
+    node_health = Health("bench", 1, 10.0, state=NodeState(work / "health-bench"))
+
+    def slot_pair(slots):  # type: ignore[no-untyped-def]
+        return lambda: (slots.try_acquire(), slots.release())
+
+    def health_reads(health):  # type: ignore[no-untyped-def]
+        return lambda: (health.admissible(), health.admit(), health.succeeded(), health.count_answer())
+
+    result = {
+        "slots_worker_us": per_pair(slot_pair(local_slots)),
+        "slots_node_us": per_pair(slot_pair(node_slots)),
+        "health_worker_us": per_pair(health_reads(local_health)),
+        "health_node_us": per_pair(health_reads(node_health)),
+    }
+    result["added_us"] = (result["slots_node_us"] + result["health_node_us"]) - (
+        result["slots_worker_us"] + result["health_worker_us"]
+    )
+    log(f"shared state: {result['added_us']:.1f} us added per request ({result})")
+    return result
+
+
+def scrape_time(base: str, rounds: int = 20) -> float:
+    """Median milliseconds of one /_balancer/metrics scrape."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        _fetch(base + "/_balancer/metrics")
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
 def start_floor(work: Path, instance_port: int, workers: int) -> tuple[Proc, str]:
     """The floor contender (bench/floor/floor_app.py) under the balancer's gunicorn settings, on plain HTTP."""
     port = free_port()
@@ -865,6 +918,26 @@ def build_markdown(data: dict) -> str:
                 f"| {', '.join(f'{x:.0f}' for x in c['rps_runs'])} |"
             )
         lines += ["", f"2 workers / 1 worker throughput: **{fmt(s['ratio_2w_1w'], '.2f')}**"]
+    st = data.get("shared_state")
+    if st:
+        lines += [
+            "",
+            "## Node-wide state, CPU per request (one process, 200,000 rounds)",
+            "",
+            "| | a worker's own | the node's |",
+            "|---|--:|--:|",
+            f"| take and free a scanners_count slot | {st['slots_worker_us']:.2f} µs | {st['slots_node_us']:.2f} µs |",
+            f"| health: admissible, admit, succeeded, count the answer | {st['health_worker_us']:.2f} µs | {st['health_node_us']:.2f} µs |",
+            "",
+            f"Added per request by the node-wide state: **{st['added_us']:.1f} µs**.",
+        ]
+    sc = data.get("scrape")
+    if sc:
+        lines += [
+            "",
+            f"Metrics scrape (median of 20, HTTPS balancer): {sc['fresh_ms']:.1f} ms fresh, "
+            f"{sc['after_restarts_ms']:.1f} ms after {sc['restarts']} workers were SIGKILLed.",
+        ]
     lines += [
         "",
         "## Memory",
@@ -1192,6 +1265,21 @@ def bench(work: Path) -> dict:
     run_scenario(https_sc, instance, ilog)
     memory += [dict(r, when="after the HTTPS scenario") for r in memory_snapshot(bal_tls, "balancer (HTTPS)")]
 
+    # The metrics scrape, fresh and after 100 workers were SIGKILLed (their files folded).
+    scrape = {"fresh_ms": scrape_time(bal_tls_base)}
+    for _ in range(50):
+        _fetch(bal_tls_base + SMALL)
+        for pid in tree(bal_tls.pid):
+            if pid != bal_tls.pid:
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while len(tree(bal_tls.pid)) < WORKERS + 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        wait_ready(bal_tls, bal_tls_base + SMALL, timeout=30)
+    scrape["after_restarts_ms"] = scrape_time(bal_tls_base)
+    scrape["restarts"] = 50 * WORKERS
+    log(f"metrics scrape: {scrape}")
+
     summaries = [summarize(sc) for sc in scenarios + [https_sc]]
     for sc in summaries + [scaling]:
         for key, c in sc["contenders"].items():
@@ -1209,6 +1297,8 @@ def bench(work: Path) -> dict:
                 notes.append(f"{sc['label']} / {c['label']}: average response {c['median']['avg_bytes']:.0f} bytes < body {expect}.")
     return {
         "meta": started_meta,
+        "shared_state": shared_state_cost(work),
+        "scrape": scrape,
         "scenarios": summaries,
         "scaling": scaling,
         "memory": memory,

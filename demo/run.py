@@ -132,6 +132,13 @@ def rotate(procs: list[subprocess.Popen], ports: dict[str, int], api_port: int, 
     for item in node["instances"]:
         print(f"    {item['host']}:{item['api_port']}  {item['state']}, {item['requests_total']} answers, "
               f"last error: {item['last_error']}")
+    status, body = fetch(api_port, cafile, "/_balancer/metrics")
+    shown_names = ("ctbalancer_requests_total", "ctbalancer_pin_mismatch_total", "ctbalancer_pin_learned_total",
+                   "ctbalancer_instance_up", "ctbalancer_workers")
+    print(f"\nGET /_balancer/metrics -> {status} (excerpt):")
+    for line in body.splitlines():
+        if line.startswith(shown_names):
+            print(f"    {line}")
 
 
 def fetch(port: int, cafile: Path, path: str) -> tuple[int, str]:

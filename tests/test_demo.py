@@ -36,4 +36,6 @@ def test_demo_answers_through_both_instances_and_shows_references(tmp_path):
     assert f"now holds sha256 {fp.group(1)}" in out
     assert "GET /api/v.1.1/suppliers -> 200, answered by instance A again" in out
     assert re.search(r"GET /_balancer/status -> 200: scope node, workers \[\d+, \d+\]", out)
+    assert "GET /_balancer/metrics -> 200 (excerpt):" in out
+    assert re.search(r'ctbalancer_pin_mismatch_total\{instance="127\.0\.0\.1:\d+"\} [1-9]', out), out
 
