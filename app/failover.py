@@ -181,7 +181,6 @@ class Attempt:
         else:
             upstream.slots.release()  # read whole: the slot and the connection go back now
             self._holds_slot = False
-        upstream.health.count_answer()
         answer = Answer(response, upstream, body, holds_slot=body is None)
         kind = RETRY if response.status_code in policy.retry_statuses else ANSWER
         return Outcome(kind, answer=answer)

@@ -175,14 +175,6 @@ class Health:
             return 0.0
         return max(self._s.retry_at - self._clock(), 0.0)
 
-    @property
-    def answers(self) -> int:
-        """Answers received from the instance (by the node, with node state) since start."""
-        return self._s.answers
-
-    def count_answer(self) -> None:
-        self._s.count_answer()
-
     def claim_prober(self) -> bool:
         """Whether this worker's probe loop probes the instance: one worker of the node does."""
         return self._s.claim_prober()

@@ -139,6 +139,37 @@ def _not_after(der: bytes) -> float:
     return x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp()
 
 
+def instance_answers() -> dict[str, float]:
+    """Answers received from each instance by the whole node (``HOST:PORT`` -> count), for the status page."""
+    metrics = directory()
+    if metrics is None:
+        families = _LOCAL.collect()
+    else:
+        fold_dead_workers()
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(metrics))
+        families = _read_locked(metrics, registry)
+    answers: dict[str, float] = {}
+    for family in families:
+        if family.name != "ctbalancer_instance_requests":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                instance = sample.labels["instance"]
+                answers[instance] = answers.get(instance, 0.0) + sample.value
+    return answers
+
+
+def _read_locked(metrics: Path, registry: CollectorRegistry) -> list[Metric]:
+    """The registry's families, read under the shared fold lock (see :func:`exposition`)."""
+    lock = os.open(metrics / "fold.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_SH)
+        return list(registry.collect())
+    finally:
+        os.close(lock)
+
+
 def exposition(balancer: "Balancer") -> bytes:
     """The node's metrics in the Prometheus text format."""
     registry = CollectorRegistry()

@@ -223,7 +223,6 @@ class NodeState:
         finally:
             fcntl.lockf(fd, fcntl.LOCK_UN, 1, self._UPDATE_BYTE, os.SEEK_SET)
 
-    _COUNTER_OFFSET = 1024
     _PROBER_BYTE = 4098
 
     def claim_prober(self) -> bool:
@@ -235,21 +234,6 @@ class NodeState:
                 return False
             self._prober_mine = True
         return True
-
-    def count_answer(self) -> None:
-        """One more answer received from the instance, for the whole node (under the update lock)."""
-        fd = self._file()
-        fcntl.lockf(fd, fcntl.LOCK_EX, 1, self._UPDATE_BYTE, os.SEEK_SET)
-        try:
-            value = int.from_bytes(os.pread(fd, 8, self._COUNTER_OFFSET).ljust(8, b"\0"), "little")
-            os.pwrite(fd, (value + 1).to_bytes(8, "little"), self._COUNTER_OFFSET)
-        finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, self._UPDATE_BYTE, os.SEEK_SET)
-
-    @property
-    def answers(self) -> int:
-        """Answers received from the instance by every worker since the master started."""
-        return int.from_bytes(os.pread(self._file(), 8, self._COUNTER_OFFSET).ljust(8, b"\0"), "little")
 
     def claim_trial(self) -> bool:
         # Record locks do not exclude within one process: this process's trials are kept here too.

@@ -97,22 +97,24 @@ class ReservedPaths:
         config = self.balancer.config
         upstreams = {u.spec: u for u in self.balancer.upstreams}
         shared = self.balancer.shared
+        answers = metrics.instance_answers()
         return {
             "scope": "node",
             "workers": live_workers(shared) if shared is not None else [os.getpid()],
             "worker_pid": os.getpid(),
             "configuration": str(config.path),
-            "instances": [self.instance(spec, upstreams.get(spec)) for spec in config.instances],
+            "instances": [self.instance(spec, upstreams.get(spec), answers) for spec in config.instances],
         }
 
-    def instance(self, spec: InstanceSpec, upstream: Any) -> dict[str, Any]:
+    def instance(self, spec: InstanceSpec, upstream: Any, answers: dict[str, float]) -> dict[str, Any]:
         path = self.balancer.store.path_for(spec)
         fingerprint, problem = _fingerprint(path)
         if upstream is None:
-            state, in_flight, answers, error, error_at = DISABLED, 0, 0, None, None
+            state, in_flight, answered, error, error_at = DISABLED, 0, 0, None, None
         else:
             health = upstream.health
-            state, in_flight, answers = health.state, upstream.slots.in_flight, health.answers
+            state, in_flight = health.state, upstream.slots.in_flight
+            answered = int(answers.get(upstream.name, 0))
             error, error_at = health.last_error, health.last_error_at
             if state == UP and fingerprint is None and problem is None:
                 state = NOT_PINNED
@@ -123,7 +125,7 @@ class ReservedPaths:
             "enabled": spec.enabled,
             "state": state,
             "in_flight": in_flight,
-            "requests_total": answers,
+            "requests_total": answered,
             "last_error": error,
             "last_error_at": _iso(error_at),
             "reference": str(path),
