@@ -186,7 +186,7 @@ class NodeState:
         size = self._RECORD.size + 4
         for _ in range(5):
             data = os.pread(self._file(), size, 0)
-            if len(data) < size:
+            if len(data) < size or not any(data):
                 return  # nothing written yet: up
             payload, crc = data[:-4], int.from_bytes(data[-4:], "little")
             if zlib.crc32(payload) == crc:
