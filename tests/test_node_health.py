@@ -178,3 +178,36 @@ def test_probes_run_once_per_node_and_another_worker_takes_over(tmp_path, ca, st
         assert 2 <= len(after) <= 5
     finally:
         peer.close()
+
+
+def test_a_reload_that_adds_an_instance_keeps_the_state_of_the_others(tmp_path, make_instance, start_balancer):
+    from .support import free_port
+
+    up, added = make_instance(), make_instance()
+    for inst in (up, added):
+        inst.server.expect_request("/api/v.1.1/suppliers").respond_with_json({"port": inst.port})
+    refused = free_port()
+    specs = [Spec("127.0.0.1", up.port, 9001), Spec("127.0.0.1", refused, 9002)]
+    config = write_config(tmp_path, specs, workers=2, extra='  <Failover cooldown="120"/>\n')
+    balancer = start_balancer(config)
+    assert {get(balancer.port, "/api/v.1.1/suppliers").status for _ in range(10)} == {200}
+    before = get(balancer.port, "/_balancer/status").json()
+    assert [i["state"] for i in before["instances"]] == ["up", "cooling down"]
+
+    write_config(tmp_path, specs + [Spec("127.0.0.1", added.port, 9003)], workers=2, extra='  <Failover cooldown="120"/>\n',
+                 api_port=balancer.port)
+    old_workers = set(before["workers"])
+    os.kill(balancer.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = get(balancer.port, "/_balancer/status").json()
+        if len(after["instances"]) == 3 and not set(after["workers"]) & old_workers:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the reload did not happen")
+    states = {i["api_port"]: (i["state"], i["last_error"], i["requests_total"]) for i in after["instances"]}
+    # New workers, same node state: the refused instance is still cooling down, the counts carry on.
+    assert states[refused] == ("cooling down", "connection refused", 0)
+    assert states[up.port] == ("up", None, 10)
+    assert states[added.port] == ("not yet pinned", None, 0)

@@ -14,7 +14,7 @@ from werkzeug import Response
 from app.shared import NodeSlots
 from app.selection import Slots
 
-from .support import get, kill_and_reap, write_config
+from .support import Spec, get, kill_and_reap, write_config
 
 
 
@@ -163,3 +163,29 @@ def test_a_removed_runtime_directory_is_made_again(tmp_path) -> None:
     assert slots.try_acquire()  # the directory did not exist: made, private
     assert shared.stat().st_mode & 0o777 == 0o700
     slots.release()
+
+
+def test_a_runtime_directory_that_cannot_be_made_stops_start_up_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from .support import ROOT
+
+    config = write_config(tmp_path, [Spec("127.0.0.1", 9)])
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env={**os.environ, "BALANCER_CONFIG": str(config), "RUNTIME_DIRECTORY": str(blocker)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("ctbalancer:")]
+    assert lines == [
+        f"ctbalancer: cannot create the runtime directory for the workers' shared state: "
+        f"[Errno 20] Not a directory: '{blocker}/shared'"
+    ], done.stderr
+    assert "Booting worker" not in done.stderr
