@@ -188,12 +188,16 @@ def test_body_over_the_limit_is_413_and_nothing_is_sent(tmp_path, instance, star
 
 
 def spool_sizes(pid: int, spool: Path) -> int:
-    """Total size of the deleted temporary files worker *pid* holds open under *spool*."""
+    """Total size of the deleted temporary files worker *pid* holds open under *spool*.
+
+    Only deleted (anonymous) files: the runtime directory, made under TMPDIR too, holds the
+    workers' shared files, which are no spool.
+    """
     total = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith(str(spool)):
+            if target.startswith(str(spool)) and target.endswith(" (deleted)"):
                 total += os.stat(f"/proc/{pid}/fd/{fd}").st_size
         except OSError:
             continue
