@@ -54,10 +54,12 @@ class BalancerError(Exception):
     #: connection are not a request head.
     closes_connection = False
 
-    def __init__(self, description: str, **fields: Any) -> None:
+    def __init__(self, description: str, retry_after: int | None = None, **fields: Any) -> None:
         super().__init__(description)
         self.description = description
         self.fields = fields
+        #: Seconds after which the client may try again (``Retry-After``), when the refusal is temporary.
+        self.retry_after = retry_after
         #: Instances tried before this error, for the access log (0: none).
         self.attempts = 0
 
@@ -66,8 +68,8 @@ class BalancerError(Exception):
         return {"error": self.code, "description": self.description, **self.fields}
 
     def headers(self) -> list[tuple[str, str]]:
-        """Extra response headers (``Allow``, ``Retry-After``)."""
-        return []
+        """Extra response headers (``Retry-After``; subclasses add ``Allow``)."""
+        return [] if self.retry_after is None else [("Retry-After", str(self.retry_after))]
 
     def get_response(self) -> Response:
         """This error as the answer the client gets: status, JSON body, extra headers."""
@@ -142,12 +144,6 @@ class RequestTooLarge(RequestRefused):
     code = "request_too_large"
     closes_connection = True
 
-    def __init__(self, description: str, retry_after: int | None = None, **fields: Any) -> None:
-        super().__init__(description, **fields)
-        self.retry_after = retry_after
-
-    def headers(self) -> list[tuple[str, str]]:
-        return [] if self.retry_after is None else [("Retry-After", str(self.retry_after))]
 
 
 class CodingNotImplemented(RequestRefused):
@@ -165,11 +161,7 @@ class NoInstanceAvailable(BalancerError):
     code = "no_instance_available"
 
     def __init__(self, description: str, retry_after: int = 5, **fields: Any) -> None:
-        super().__init__(description, **fields)
-        self.retry_after = retry_after
-
-    def headers(self) -> list[tuple[str, str]]:
-        return [("Retry-After", str(self.retry_after))]
+        super().__init__(description, retry_after=retry_after, **fields)
 
 
 class InstanceError(BalancerError):
