@@ -18,6 +18,7 @@ after gevent has patched, never by ``gunicorn.conf.py``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -161,11 +162,19 @@ def instance_answers() -> dict[str, float]:
 
 
 def _read_locked(metrics: Path, registry: CollectorRegistry) -> list[Metric]:
-    """The registry's families, read under the shared fold lock (see :func:`exposition`)."""
+    """The registry's families, read under the shared fold lock (see :func:`_files_stay`)."""
+    with _files_stay(metrics):
+        return list(registry.collect())
+
+
+@contextlib.contextmanager
+def _files_stay(metrics: Path) -> Iterator[None]:
+    """A shared lock while the files are read: a fold (exclusive, never waiting) cannot remove
+    one between the collector's listing and its reading."""
     lock = os.open(metrics / "fold.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.lockf(lock, fcntl.LOCK_SH)
-        return list(registry.collect())
+        yield
     finally:
         os.close(lock)
 
@@ -181,14 +190,8 @@ def exposition(balancer: "Balancer") -> bytes:
     fold_dead_workers()
     MultiProcessCollector(registry, path=str(metrics))
     registry.register(_NodeGauges(balancer))
-    # A shared lock while the files are read: a fold (exclusive, never waiting) cannot remove
-    # one between the collector's listing and its reading.
-    lock = os.open(metrics / "fold.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.lockf(lock, fcntl.LOCK_SH)
+    with _files_stay(metrics):
         return generate_latest(registry)
-    finally:
-        os.close(lock)
 
 
 class _Local:
