@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from demo.instance import make_self_signed  # noqa: E402
-from demo.run import free_port, wait_for_port  # noqa: E402
+from demo.run import free_port, stop_all, wait_for_port  # noqa: E402
 
 WORK = ROOT / "bench" / ".run" / "hostile"
 REPORT = ROOT / "bench" / "results" / "hostile.md"
@@ -236,14 +235,7 @@ def main() -> int:
         tls = testssl(api_port)
         alive = balancer.poll() is None
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs, timeout=15)
     log = (WORK / "balancer.log").read_text(errors="replace")
     lines = [
         f"# make hostile ({time.strftime('%Y-%m-%d %H:%M')}, HOSTILE_SECONDS={SECONDS:g}, probe {RATE:g} requests/s)",

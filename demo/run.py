@@ -82,6 +82,18 @@ CONFIG = """<?xml version="1.0" encoding="utf-8"?>
 """
 
 
+def stop_all(procs: list[subprocess.Popen], timeout: float = 10) -> None:
+    """TERM to every process still running, the last started first; KILL what does not end in *timeout*."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def start_instance(name: str, port: int) -> subprocess.Popen:
     log = open(WORK / f"instance_{name}.log", "ab")
     proc = subprocess.Popen(
@@ -172,16 +184,6 @@ def main() -> int:
 
     procs: list[subprocess.Popen] = []
 
-    def stop_all(*_: object) -> None:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
     try:
         for name, port in ports.items():
             procs.append(start_instance(name, port))
@@ -232,7 +234,7 @@ def main() -> int:
         print("\nStopping.")
         return 0
     finally:
-        stop_all()
+        stop_all(procs)
 
 
 def _port_is_free(port: int) -> bool:
