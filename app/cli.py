@@ -1,10 +1,13 @@
 """``flask --app wsgi pins ...``: look at, check and change the reference certificates without downtime.
 
 The commands read the configuration the server reads (``BALANCER_CONFIG``)
-and change reference files only the way the server expects them to change:
-atomically, under the same per-reference lock file (:mod:`app.pins`).
-Running workers notice a replaced or deleted file within a second and close
-the keep-alive connections checked against the old one (docs/design.md, "Reference certificates").
+and act on the pin store it names (CertDirPath, or etcd with ``<PinStore
+type="etcd">``) through the one interface the server uses
+(:class:`app.pins.PinStore`): a change is made only if the reference still
+holds what the command showed, atomically. Running workers, of every
+balancer sharing the store, notice a replaced or deleted reference within a
+second and close the keep-alive connections checked against the old one
+(docs/design.md, "Reference certificates" and "Fleet").
 
 An instance is named ``HOST:PORT`` with PORT its ``api_port`` (``[v6]:PORT``
 for an IPv6 address), or ``HOST`` alone when only one instance has that host.
@@ -19,6 +22,8 @@ Errors are one line on stderr, with an exit status per cause:
 5     instance unreachable
 6     certificate mismatch (check), or fingerprint mismatch (trust)
 7     reference file unreadable (check)
+8     the pin store cannot be reached; or the reference changed
+      since it was shown (nothing was changed)
 ====  ==========================================================
 """
 
@@ -37,13 +42,14 @@ from flask.cli import AppGroup
 
 from . import pinning
 from .pins import (
+    DirectoryStore,
+    Entry,
     NotACertificate,
+    PinStore,
+    StoreUnavailable,
     TRUST_COMMAND,
-    delete_reference,
+    open_store,
     pem_to_der,
-    inspect_reference,
-    reference_lock,
-    replace_reference,
     same_fingerprint,
     sha256,
 )
@@ -56,10 +62,11 @@ EXIT_AMBIGUOUS = 4
 EXIT_UNREACHABLE = 5
 EXIT_MISMATCH = 6
 EXIT_UNREADABLE = 7
+EXIT_STORE = 8
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
-pins = AppGroup("pins", help="Reference certificates of the instances: list, check, trust, forget, prune.")
+pins = AppGroup("pins", help="Reference certificates of the instances: list, check, trust, forget, prune, push, pull.")
 
 
 class PinsError(click.ClickException):
@@ -142,22 +149,6 @@ def presented_certificate(instance: InstanceSpec, timeout: float) -> bytes:
         raise Unreachable(exc.reason) from exc
 
 
-def read_state(path: Path) -> tuple[bytes | None, str]:
-    """(DER or None, state) of the reference at *path*: pinned, not yet pinned, unreadable: reason."""
-    der, problem = inspect_reference(path)
-    if problem is not None:
-        return None, f"unreadable: {problem}"
-    return der, "pinned" if der is not None else "not yet pinned"
-
-
-def reference_files(cert_dir: Path) -> list[Path]:
-    """The ``*.pem`` files in CertDirPath, without dot-files (locks, temporary files)."""
-    try:
-        return sorted(p for p in cert_dir.iterdir() if p.name.endswith(".pem") and not p.name.startswith("."))
-    except OSError:
-        return []
-
-
 def describe(der: bytes) -> tuple[str, str]:
     """(subject, not-after) of a certificate, for people."""
     # Imported here: a worker, which registers these commands, never needs it (8 MB).
@@ -175,7 +166,38 @@ def _config() -> Config:
     return current_app.config["BALANCER"]
 
 
-def _warn_if_not_owner(cert_dir: Path) -> None:
+def _store(config: Config) -> PinStore:
+    return open_store(config)
+
+
+def _where(store: PinStore) -> str:
+    """The store, for people: CertDirPath, or etcd's endpoints and key prefix."""
+    if isinstance(store, DirectoryStore):
+        return str(store.cert_dir)
+    spec = store.spec  # type: ignore[attr-defined]
+    return f"etcd {spec.pins_prefix} at {' '.join(spec.endpoints)}"
+
+
+def _look(store: PinStore, name: str) -> Entry:
+    try:
+        return store.look(name)
+    except StoreUnavailable as exc:
+        raise PinsError(f"the pin store cannot be reached: {exc}", EXIT_STORE) from exc
+
+
+def _names(store: PinStore) -> list[str]:
+    try:
+        return store.names()
+    except StoreUnavailable as exc:
+        raise PinsError(f"the pin store cannot be reached: {exc}", EXIT_STORE) from exc
+
+
+def _warn_if_not_owner(store: PinStore) -> None:
+    if isinstance(store, DirectoryStore):
+        _warn_if_not_owner_of(store.cert_dir)
+
+
+def _warn_if_not_owner_of(cert_dir: Path) -> None:
     """Files written by another user (root) may be unusable by the service user: say so."""
     try:
         owner = cert_dir.stat().st_uid
@@ -207,31 +229,32 @@ def _out(label: str, value: str) -> None:
 def list_command() -> None:
     """Every configured instance with its reference, then references no instance uses."""
     config = _config()
+    store = _store(config)
     click.echo(f"configuration: {config.path}")
-    click.echo(f"CertDirPath:   {config.cert_dir}")
+    click.echo(f"{'CertDirPath:' if store.kind == 'directory' else 'pin store:':<14} {_where(store)}")
     used = set()
     for instance in config.instances:
-        path = config.cert_dir / instance.reference_name
-        used.add(path.name)
+        name = instance.reference_name
+        used.add(name)
         click.echo("")
         click.echo(f"{instance.name} ({'enabled' if instance.enabled else 'disabled'})")
-        _out("reference", str(path))
-        der, state = read_state(path)
-        _out("state", state)
-        if der is not None:
-            subject, not_after = describe(der)
-            _out("sha256", sha256(der))
+        _out("reference", store.location(name))
+        entry = _look(store, name)
+        _out("state", entry.state)
+        if entry.der is not None:
+            subject, not_after = describe(entry.der)
+            _out("sha256", sha256(entry.der))
             _out("subject", subject)
             _out("not after", not_after)
-    others = [p for p in reference_files(config.cert_dir) if p.name not in used]
+    others = [n for n in _names(store) if n not in used]
     click.echo("")
     if not others:
         click.echo("unconfigured references: none")
         return
     click.echo(f"unconfigured references ({len(others)}; flask --app wsgi pins prune deletes them):")
-    for path in others:
-        der, state = read_state(path)
-        click.echo(f"  {path}  {'sha256 ' + sha256(der) if der is not None else state}")
+    for name in others:
+        entry = _look(store, name)
+        click.echo(f"  {store.location(name)}  {'sha256 ' + sha256(entry.der) if entry.der is not None else entry.state}")
 
 
 @pins.command("check")
@@ -250,7 +273,7 @@ def check_command(name: str | None) -> None:
     for i, instance in enumerate(instances):
         if i:
             click.echo("")
-        worst = max(worst, _check_one(config, instance), key=_severity)
+        worst = max(worst, _check_one(config, _store(config), instance), key=_severity)
     if worst:
         raise SystemExit(worst)
 
@@ -260,9 +283,9 @@ def _severity(code: int) -> int:
     return {0: 0, EXIT_UNREACHABLE: 1, EXIT_UNREADABLE: 2, EXIT_MISMATCH: 3}[code]
 
 
-def _check_one(config: Config, instance: InstanceSpec) -> int:
-    path = config.cert_dir / instance.reference_name
-    expected, state = read_state(path)
+def _check_one(config: Config, store: PinStore, instance: InstanceSpec) -> int:
+    entry = _look(store, instance.reference_name)
+    expected, state = entry.der, entry.state
     try:
         presented: bytes | None = presented_certificate(instance, config.timeouts.connect)
         problem = None
@@ -271,7 +294,7 @@ def _check_one(config: Config, instance: InstanceSpec) -> int:
     click.echo(f"{instance.name}{'' if instance.enabled else ' (disabled)'}")
     _out("host", instance.host)
     _out("port", str(instance.api_port))
-    _out("reference", str(path))
+    _out("reference", store.location(instance.reference_name))
     _out("expected", sha256(expected) if expected is not None else f"- ({state})")
     _out("presented", sha256(presented) if presented is not None else "-")
     if state.startswith("unreadable"):
@@ -312,9 +335,11 @@ def trust_command(name: str, fingerprint: str | None, pem_file: Path | None, yes
     """
     config = _config()
     instance = resolve(config, name)
-    path = config.cert_dir / instance.reference_name
+    store = _store(config)
+    path = store.location(instance.reference_name)
     click.echo(instance.name)
-    _out("reference", str(path))
+    _out("reference", path)
+    seen = _look(store, instance.reference_name)  # what the operator decides on
     if pem_file is not None:
         der = _read_pem_file(pem_file)
         _out("file", str(pem_file))
@@ -348,7 +373,7 @@ def trust_command(name: str, fingerprint: str | None, pem_file: Path | None, yes
                 f"the reference {path} was not changed",
                 EXIT_MISMATCH,
             )
-    _install(path, der)
+    _install(store, instance.reference_name, der, seen)
 
 
 def _read_pem_file(pem_file: Path) -> bytes:
@@ -361,15 +386,25 @@ def _read_pem_file(pem_file: Path) -> bytes:
         raise PinsError(f"{pem_file} cannot be read: {exc.strerror or exc}", EXIT_USAGE) from exc
 
 
-def _install(path: Path, der: bytes) -> None:
-    _warn_if_not_owner(path.parent)
-    with reference_lock(path):
-        previous, state = read_state(path)
-        _out("previous", sha256(previous) if previous is not None else state)
-        if previous == der:
-            click.echo(f"unchanged: {path} already holds sha256 {sha256(der)}")
-            return
-        replace_reference(path, der)
+def _install(store: PinStore, name: str, der: bytes, seen: Entry) -> None:
+    """Replace reference *name* with *der* if it still holds what was *seen* when the command started."""
+    _warn_if_not_owner(store)
+    path = store.location(name)
+    _out("previous", sha256(seen.der) if seen.der is not None else seen.state)
+    if seen.der == der:
+        click.echo(f"unchanged: {path} already holds sha256 {sha256(der)}")
+        return
+    try:
+        replaced = store.replace(name, der, seen)
+    except StoreUnavailable as exc:
+        raise PinsError(f"the pin store cannot be reached: {exc}; the reference {path} was not changed", EXIT_STORE) from exc
+    if not replaced:
+        now = _look(store, name)
+        raise PinsError(
+            f"the reference {path} changed while this command ran (it now holds "
+            f"{'sha256 ' + sha256(now.der) if now.der is not None else now.state}); it was not changed: look again",
+            EXIT_STORE,
+        )
     click.echo(f"trusted: {path} now holds sha256 {sha256(der)}; running workers use it within a second")
 
 
@@ -380,25 +415,38 @@ def forget_command(name: str, yes: bool) -> None:
     """Delete the reference of HOST[:PORT]: the next contact learns the certificate again (trust on first use)."""
     config = _config()
     instance = resolve(config, name)
-    path = config.cert_dir / instance.reference_name
+    store = _store(config)
+    path = store.location(instance.reference_name)
     click.echo(instance.name)
-    _out("reference", str(path))
-    der, state = read_state(path)
-    _out("sha256", sha256(der) if der is not None else state)
-    if state == "not yet pinned":
+    _out("reference", path)
+    seen = _look(store, instance.reference_name)
+    _out("sha256", sha256(seen.der) if seen.der is not None else seen.state)
+    if seen.der is None and seen.problem is None:
         click.echo(f"nothing to delete: {path} does not exist")
         return
     if not yes and not click.confirm(
         f"Delete it? The next contact trusts whatever certificate {instance.name} presents then."
     ):
         raise PinsError(f"declined; the reference {path} was not changed", EXIT_DECLINED)
-    _warn_if_not_owner(config.cert_dir)
-    with reference_lock(path):
-        deleted = delete_reference(path)
-    if deleted:
-        click.echo(f"deleted: {path}; the next contact with {instance.name} learns its certificate again")
-    else:
-        click.echo(f"nothing to delete: {path} does not exist")
+    _warn_if_not_owner(store)
+    _delete(store, instance.reference_name, seen)
+    click.echo(f"deleted: {path}; the next contact with {instance.name} learns its certificate again")
+
+
+def _delete(store: PinStore, name: str, seen: Entry) -> None:
+    """Delete reference *name* if it still holds what was *seen*."""
+    path = store.location(name)
+    try:
+        deleted = store.delete(name, seen)
+    except StoreUnavailable as exc:
+        raise PinsError(f"the pin store cannot be reached: {exc}; the reference {path} was not changed", EXIT_STORE) from exc
+    if not deleted:
+        now = _look(store, name)
+        raise PinsError(
+            f"the reference {path} changed while this command ran (it now holds "
+            f"{'sha256 ' + sha256(now.der) if now.der is not None else now.state}); it was not deleted: look again",
+            EXIT_STORE,
+        )
 
 
 @pins.command("prune")
@@ -406,21 +454,119 @@ def forget_command(name: str, yes: bool) -> None:
 def prune_command(yes: bool) -> None:
     """Delete references in CertDirPath that no configured instance (enabled or not) uses."""
     config = _config()
+    store = _store(config)
     used = {i.reference_name for i in config.instances}
-    unused = [p for p in reference_files(config.cert_dir) if p.name not in used]
+    unused = [n for n in _names(store) if n not in used]
     if not unused:
-        click.echo(f"no unconfigured references in {config.cert_dir}")
+        click.echo(f"no unconfigured references in {_where(store)}")
         return
     if yes:
-        _warn_if_not_owner(config.cert_dir)
-    for path in unused:
-        der, state = read_state(path)
-        fingerprint = f"sha256 {sha256(der)}" if der is not None else state
+        _warn_if_not_owner(store)
+    for name in unused:
+        seen = _look(store, name)
+        if seen.der is None and seen.problem is None:
+            continue  # deleted meanwhile
+        fingerprint = f"sha256 {sha256(seen.der)}" if seen.der is not None else seen.state
         if not yes:
-            click.echo(f"would delete: {path}  {fingerprint}")
+            click.echo(f"would delete: {store.location(name)}  {fingerprint}")
             continue
-        with reference_lock(path):
-            delete_reference(path)
-        click.echo(f"deleted: {path}  {fingerprint}")
+        _delete(store, name, seen)
+        click.echo(f"deleted: {store.location(name)}  {fingerprint}")
     if not yes:
         click.echo(f"{len(unused)} unconfigured reference(s); run again with --yes to delete them")
+
+
+# -- moving references between CertDirPath and the shared store ------------------------------------
+
+
+def _shared_store(config: Config, command: str) -> PinStore:
+    store = _store(config)
+    if store.kind == "directory":
+        raise PinsError(
+            f"pins {command} copies between CertDirPath and the shared store, and {config.path} names none: "
+            'add <PinStore type="etcd" endpoints="..."/> (README "Fleet")',
+            EXIT_USAGE,
+        )
+    return store
+
+
+def _plan(source: PinStore, target: PinStore) -> tuple[dict[str, bytes], list[str], list[str]]:
+    """(references to copy, unchanged names, conflicts) for copying every reference of *source* into *target*.
+
+    A conflict is a reference *target* holds with another certificate (or
+    unusable), or one *source* holds unusable: nothing is ever overwritten.
+    """
+    copy: dict[str, bytes] = {}
+    unchanged: list[str] = []
+    conflicts: list[str] = []
+    for name in _names(source):
+        have = _look(source, name)
+        if have.der is None:
+            if have.problem is not None:
+                conflicts.append(f"{source.location(name)} cannot be used: {have.problem}")
+            continue
+        there = _look(target, name)
+        if there.der == have.der:
+            unchanged.append(name)
+        elif there.der is None and there.problem is None:
+            copy[name] = have.der
+        else:
+            holds = f"sha256 {sha256(there.der)}" if there.der is not None else there.state
+            conflicts.append(
+                f"{target.location(name)} holds {holds}, {source.location(name)} holds sha256 {sha256(have.der)}"
+            )
+    return copy, unchanged, conflicts
+
+
+def _copy(source: PinStore, target: PinStore, command: str) -> None:
+    copy, unchanged, conflicts = _plan(source, target)
+    click.echo(f"from: {_where(source)}")
+    click.echo(f"to:   {_where(target)}")
+    for name in unchanged:
+        click.echo(f"unchanged: {target.location(name)} already holds sha256 {sha256(_look(target, name).der or b'')}")
+    if conflicts:
+        for conflict in conflicts:
+            click.echo(f"CONFLICT: {conflict}")
+        raise PinsError(
+            f"{len(conflicts)} conflict(s): nothing was copied; settle each with pins trust or pins forget, "
+            f"then run pins {command} again",
+            EXIT_MISMATCH,
+        )
+    if not copy:
+        click.echo("nothing to copy")
+        return
+    if isinstance(target, DirectoryStore):
+        _warn_if_not_owner(target)
+        for name, der in copy.items():
+            created, now = target.create(name, der)
+            if not created and now.der != der:
+                raise PinsError(f"{target.location(name)} was created by someone else meanwhile; run pins {command} again", EXIT_STORE)
+    else:
+        try:
+            done = target.create_all(copy)  # type: ignore[attr-defined]
+        except StoreUnavailable as exc:
+            raise PinsError(f"the pin store cannot be reached: {exc}; nothing was copied", EXIT_STORE) from exc
+        if not done:
+            raise PinsError(
+                "a reference was learned or changed in the store while this command ran; nothing was copied: "
+                f"run pins {command} again",
+                EXIT_STORE,
+            )
+    for name, der in copy.items():
+        click.echo(f"copied: {target.location(name)} holds sha256 {sha256(der)}")
+
+
+@pins.command("push")
+def push_command() -> None:
+    """Copy the references in CertDirPath into the shared store, all or none; never overwrite one."""
+    config = _config()
+    store = _shared_store(config, "push")
+    _copy(DirectoryStore(config.cert_dir), store, "push")
+
+
+@pins.command("pull")
+def pull_command() -> None:
+    """Copy the shared store's references into CertDirPath, all or none; never overwrite a file."""
+    config = _config()
+    store = _shared_store(config, "pull")
+    _copy(store, DirectoryStore(config.cert_dir), "pull")

@@ -241,3 +241,20 @@ class ReferenceUnsaved(InstanceError):
             port,
             reference=reference,
         )
+
+
+class PinStoreUnavailable(InstanceError):
+    """The shared pin store holds no reference the worker knows for the instance, and cannot be asked."""
+
+    status = 503
+    code = "pin_store_unavailable"
+
+    def __init__(self, host: str, port: int, reference: str, reason: str, retry_after: int) -> None:
+        super().__init__(
+            f"The certificate of the instance {host}:{port} cannot be checked: the shared pin store cannot be "
+            f"reached to read or save its reference {reference} ({reason}). Nothing was sent to the instance.",
+            host,
+            port,
+            retry_after=retry_after,
+            reference=reference,
+        )

@@ -9,7 +9,7 @@ from flask import Flask
 from .cli import pins
 from .lifecycle import active
 from .loader import ConfigError, load
-from .pins import PinStore, loose_permissions
+from .pins import loose_permissions, open_store
 from .proxy import install
 from .settings import Config
 from .upstream import Balancer
@@ -35,7 +35,7 @@ def create_app(config: Config | None = None) -> Flask:
             raise SystemExit(f"ctbalancer: configuration error: {exc}") from None
     app = Flask(__name__, static_folder=None)
     app.config["BALANCER"] = config
-    install(app, config, Balancer(config, PinStore(config.cert_dir)))
+    install(app, config, Balancer(config, open_store(config)))
     app.cli.add_command(pins)
     for loose in loose_permissions(config.cert_dir):
         log.warning("%s is writable by group or others: whoever can write there decides which certificates "

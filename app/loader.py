@@ -34,6 +34,7 @@ from .settings import (
     MAX_BUFFER_BYTES,
     ON_MISMATCH,
     RESERVED_PREFIX,
+    PIN_STORE_TYPES,
     TLS_VERSIONS,
     AllowedRequest,
     BalancerSpec,
@@ -42,6 +43,7 @@ from .settings import (
     HealthCheck,
     InstanceSpec,
     Limits,
+    PinStoreSpec,
     Timeouts,
     TLSPolicy,
 )
@@ -207,6 +209,42 @@ def ciphers(value: str) -> str:
     return value
 
 
+def endpoints(value: str) -> tuple[str, ...]:
+    """etcd client URLs separated by spaces: ``http://HOST:PORT`` or ``https://HOST:PORT``, all of one scheme."""
+    expected = "expected etcd client URLs separated by spaces, such as https://10.0.0.1:2379, all http or all https"
+    urls = value.split()
+    if not urls:
+        raise ValueError(f"is empty; {expected}")
+    for url in urls:
+        match = re.fullmatch(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[^/:@\[\]?#]+):([0-9]{1,5})/?", url)
+        if match is None or not 1 <= int(match.group(3)) <= 65535:
+            raise ValueError(f"has {url!r}, which is not a URL of scheme, host and port; {expected}")
+        host = match.group(2).strip("[]")
+        if not _is_host(host):
+            raise ValueError(f"has {url!r}, whose host is not valid; {expected}")
+    if len({u.split(":", 1)[0] for u in urls}) > 1:
+        raise ValueError(f"mixes http and https; {expected}")
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"names an endpoint twice; {expected}")
+    return tuple(u.rstrip("/") for u in urls)
+
+
+def key_prefix(value: str) -> str:
+    """An etcd key prefix: starts with "/", no trailing "/", no white space or empty segment."""
+    if not re.fullmatch(r"(/[A-Za-z0-9._\-]+)+", value) or len(value) > 200:
+        raise ValueError(
+            "is not valid; expected a key prefix such as /ctbalancer: segments of letters, digits, '.', '_' or '-', "
+            "each after a '/', no trailing '/'"
+        )
+    return value
+
+
+def user_name(value: str) -> str:
+    if not value or value != value.strip() or len(value) > 128 or any(ord(c) < 32 for c in value):
+        raise ValueError("is not valid; expected an etcd user name without surrounding white space")
+    return value
+
+
 # -- the optional elements of attributes only: one table each -----------------------------------
 
 
@@ -281,6 +319,7 @@ _ROOT_ELEMENTS = (
     "TLS",
     "Admin",
     "AccessLog",
+    "PinStore",
 )
 
 
@@ -372,6 +411,9 @@ class _Reader:
         front_el, admin_el = one("FrontProxy"), one("Admin")
         fields["front_proxy"] = self.networks(front_el) if front_el is not None else ()
         fields["admin_allow"] = self.networks(admin_el) if admin_el is not None else DEFAULT_ADMIN_ALLOW
+        pin_store_el = one("PinStore")
+        if pin_store_el is not None:
+            fields["pin_store"] = self.pin_store(pin_store_el)
         access_el = one("AccessLog")
         if access_el is not None:
             fields["access_log"] = self.access_log(access_el)
@@ -407,6 +449,57 @@ class _Reader:
                 "or - for stderr",
             )
         return str(path)
+
+    def pin_store(self, el: etree._Element) -> PinStoreSpec:
+        """``type="directory"`` (alone) or ``type="etcd"`` with endpoints and its optional attributes."""
+        files = ("ca_file", "cert_file", "key_file", "password_file")
+        attrs = self.attributes(el, optional=("type", "endpoints", "prefix", "user", "timeout") + files)
+        self.no_text(el)
+        kind = self.value(el, "type", attrs.get("type", "directory"), one_of(PIN_STORE_TYPES))
+        if kind == "directory":
+            extra = sorted(set(attrs) - {"type"})
+            if extra:
+                raise self.fail(
+                    el.sourceline, f"<PinStore> attribute {extra[0]!r} applies to type='etcd' only; CertDirPath is the directory store"
+                )
+            return PinStoreSpec()
+        if "endpoints" not in attrs:
+            raise self.fail(el.sourceline, "<PinStore type='etcd'> is missing attribute 'endpoints'; expected etcd client URLs")
+        fields: dict[str, Any] = {"type": kind, "endpoints": self.value(el, "endpoints", attrs["endpoints"], endpoints)}
+        if "prefix" in attrs:
+            fields["prefix"] = self.value(el, "prefix", attrs["prefix"], key_prefix)
+        if "timeout" in attrs:
+            fields["timeout"] = self.value(el, "timeout", attrs["timeout"], seconds())
+        if "user" in attrs:
+            fields["user"] = self.value(el, "user", attrs["user"], user_name)
+        for name in files:
+            if name in attrs:
+                path = self.resolve(attrs[name].strip())
+                if not attrs[name].strip() or not _readable_file(path):
+                    raise self.fail(el.sourceline, f"<PinStore> attribute {name}={attrs[name]!r} is not a readable file; expected a path to one")
+                fields[name] = path
+        for a, b in (("cert_file", "key_file"), ("key_file", "cert_file"), ("user", "password_file"), ("password_file", "user")):
+            if a in fields and b not in fields:
+                raise self.fail(el.sourceline, f"<PinStore> attribute {a!r} is set but {b!r} is missing; expected both or neither")
+        if fields["endpoints"][0].startswith("http:") and ("ca_file" in fields or "cert_file" in fields):
+            raise self.fail(
+                el.sourceline, "<PinStore> has ca_file or cert_file but its endpoints are http; expected https endpoints for TLS"
+            )
+        if "password_file" in fields:
+            fields["password"] = self.password(el, fields["password_file"])
+        return PinStoreSpec(**fields)
+
+    def password(self, el: etree._Element, path: Path) -> str:
+        """The first line of *path*, read once at start-up (the file may then be readable by root only)."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4097)
+        except OSError as exc:
+            raise self.fail(el.sourceline, f"<PinStore> password_file {str(path)!r} cannot be read: {exc.strerror}") from None
+        lines = data.decode("utf-8", "replace").splitlines()
+        if len(data) > 4096 or not lines or not lines[0]:
+            raise self.fail(el.sourceline, f"<PinStore> password_file {str(path)!r} holds no password on its first line; expected one")
+        return lines[0]
 
     def networks(self, el: etree._Element) -> tuple:
         attrs = self.attributes(el, required=("allow",))

@@ -30,7 +30,6 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .health import UP
-from .pins import inspect_reference
 from .shared import live_workers, node_directory
 
 if TYPE_CHECKING:
@@ -122,7 +121,7 @@ class _NodeGauges:
         for upstream in self.balancer.upstreams:
             in_flight.add_metric([upstream.name], upstream.slots.in_flight)
             up.add_metric([upstream.name], 1.0 if upstream.health.state == UP else 0.0)
-            der, _problem = inspect_reference(self.balancer.store.path_for(upstream.spec))
+            der = self.balancer.store.known(upstream.spec.reference_name).der
             if der is not None:
                 expiry.add_metric([upstream.name], _not_after(der))
         shared = node_directory()

@@ -1,6 +1,13 @@
-"""The pin store: reference certificates in CertDirPath, learned on first contact.
+"""The pin store: reference certificates, learned on first contact.
 
-A reference is ``<CertDirPath>/<host>_<matching_port>.pem``: the instance's
+:class:`PinStore` is the one interface the pin check on each connection, the
+live pick-up of changes, the status page, the probes and the ``pins``
+commands use. It has two implementations, chosen by the configuration's
+``<PinStore type>``: :class:`DirectoryStore` (CertDirPath, the default,
+below) and :class:`app.fleet.EtcdStore` (one store for a fleet of balancers,
+docs/design.md, "Fleet").
+
+In the directory store, a reference is ``<CertDirPath>/<host>_<matching_port>.pem``: the instance's
 leaf certificate in PEM, DER-equal to what it presented. The store
 
 * keeps each reference in memory, so checking a new connection costs no disk
@@ -23,6 +30,7 @@ leaf certificate in PEM, DER-equal to what it presented. The store
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import contextlib
@@ -39,12 +47,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import filelock
 
 from .errors import CertificateMismatch, ReferenceUnreadable, ReferenceUnsaved
-from .settings import InstanceSpec
+from .settings import Config, InstanceSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,10 @@ Signature = Tuple[int, int, int]
 
 class NotACertificate(ValueError):
     """A reference file's content is not exactly one PEM certificate."""
+
+
+class StoreUnavailable(Exception):
+    """The store could not be asked (etcd unreachable or without quorum); ``str()`` says why."""
 
 
 def sha256(der: bytes) -> str:
@@ -194,6 +206,15 @@ def _read_signed(path: Path) -> tuple[bytes, Signature]:
 
 def _signature(st: os.stat_result) -> Signature:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def open_store(config: Config) -> "PinStore":
+    """The store the configuration names: CertDirPath, or etcd when ``<PinStore type="etcd">``."""
+    if config.pin_store.type == "etcd":
+        from .fleet import EtcdStore  # here: a directory store never loads the etcd client
+
+        return EtcdStore(config.pin_store)
+    return DirectoryStore(config.cert_dir)
 
 
 # -- operator changes, shared by the server and the ``pins`` commands ---------
@@ -343,20 +364,120 @@ def loose_permissions(cert_dir: Path) -> list[str]:
 class Reference:
     """A reference certificate held in memory by one worker.
 
-    ``generation`` counts the changes of its file this worker has seen; a
+    ``name`` is the reference's name in its store (``<host>_<matching_port>.pem``),
+    ``location`` where it is kept, for people (a path, or an etcd key).
+    ``generation`` counts the changes of the reference this worker has seen; a
     connection keeps the Reference it was checked against and asks
     :meth:`is_current` before it is reused.
     """
 
-    path: Path
+    name: str
+    location: str
     der: bytes
     sha256: str
     generation: int = 0
     store: Optional["PinStore"] = field(default=None, repr=False, compare=False)
 
     def is_current(self) -> bool:
-        """False once the file was replaced or deleted (seen within RECHECK_INTERVAL)."""
-        return self.store is None or self.store.generation(self.path.name) == self.generation
+        """False once the reference was replaced or deleted (seen within a second)."""
+        return self.store is None or self.store.generation(self.name) == self.generation
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a store holds for one reference now, as the ``pins`` commands and the status page show it.
+
+    ``der`` is None when there is no reference or it cannot be used; then
+    ``problem`` says why it cannot (None: there is none). ``version``
+    identifies this state of the reference: :meth:`PinStore.replace` and
+    :meth:`PinStore.delete` act only if it still holds.
+    """
+
+    der: bytes | None
+    problem: str | None = None
+    version: Any = None
+
+    @property
+    def state(self) -> str:
+        if self.problem is not None:
+            return f"unreadable: {self.problem}"
+        return "pinned" if self.der is not None else "not yet pinned"
+
+
+class PinStore(abc.ABC):
+    """Reference certificates of the instances, checked per connection (docs/design.md, "Reference certificates").
+
+    A reference is named ``<host>_<matching_port>.pem`` (``InstanceSpec.reference_name``).
+    """
+
+    #: "directory" or "etcd", as in ``<PinStore type>``.
+    kind: str
+
+    @abc.abstractmethod
+    def location(self, name: str) -> str:
+        """Where reference *name* is kept, for people: a path, or ``etcd:<key>``."""
+
+    @abc.abstractmethod
+    def check(self, instance: InstanceSpec, der: bytes) -> Reference:
+        """Accept *der* for *instance*, learning it when no reference exists.
+
+        Raises a :class:`~app.errors.InstanceError` (certificate mismatch,
+        reference unreadable or unsaved, store unavailable); the caller must
+        then not send anything.
+        """
+
+    @abc.abstractmethod
+    def generation(self, name: str) -> int:
+        """How many changes of reference *name* this process has seen; cheap, called per reused connection."""
+
+    @abc.abstractmethod
+    def known(self, name: str) -> Entry:
+        """The reference a new connection would be checked against now, without waiting on a remote store."""
+
+    @abc.abstractmethod
+    def look(self, name: str) -> Entry:
+        """What the store holds for *name* now; raises :class:`StoreUnavailable`."""
+
+    @abc.abstractmethod
+    def names(self) -> list[str]:
+        """The names of every reference in the store; raises :class:`StoreUnavailable`."""
+
+    @abc.abstractmethod
+    def create(self, name: str, der: bytes) -> tuple[bool, Entry]:
+        """Make *name* hold *der* if it holds nothing: (created, what it holds now)."""
+
+    @abc.abstractmethod
+    def replace(self, name: str, der: bytes, seen: Entry) -> bool:
+        """Make *name* hold *der*, only if it is still as *seen* (from :meth:`look`); False if it changed."""
+
+    @abc.abstractmethod
+    def delete(self, name: str, seen: Entry) -> bool:
+        """Delete *name*, only if it is still as *seen*; False if it changed."""
+
+    def state(self) -> dict[str, Any]:
+        """The store itself, for the status page."""
+        return {"type": self.kind}
+
+    def start(self) -> None:
+        """Start what keeps this worker's view current, once gevent has patched (nothing for a directory)."""
+
+    def mismatch(self, instance: InstanceSpec, ref: Reference, der: bytes, whose: str = "") -> CertificateMismatch:
+        """Log the refusal of *der* at ERROR and return the error for the client (docs/design.md, "Reference certificates")."""
+        received = sha256(der)
+        log.error(
+            "certificate mismatch for instance %s:%s: expected sha256 %s (reference %s%s), received %s; "
+            "if the instance's certificate was changed on purpose, accept it with: %s %s --sha256 %s",
+            instance.host,
+            instance.api_port,
+            ref.sha256,
+            ref.location,
+            whose,
+            received,
+            TRUST_COMMAND,
+            instance.name,
+            received,
+        )
+        return CertificateMismatch(instance.host, instance.api_port, ref.sha256, received, ref.location)
 
 
 class _Watch:
@@ -371,8 +492,10 @@ class _Watch:
         self.generation = 0
 
 
-class PinStore:
-    """Reference certificates of the instances, checked per connection."""
+class DirectoryStore(PinStore):
+    """Reference certificates as files in CertDirPath, one per instance."""
+
+    kind = "directory"
 
     def __init__(
         self,
@@ -389,29 +512,74 @@ class PinStore:
     def path_for(self, instance: InstanceSpec) -> Path:
         return self.cert_dir / instance.reference_name
 
-    def check(self, instance: InstanceSpec, der: bytes) -> Reference:
-        """Accept *der* for *instance*, learning it when no reference exists.
+    def location(self, name: str) -> str:
+        return str(self.cert_dir / name)
 
-        Raises :class:`CertificateMismatch`, :class:`ReferenceUnreadable` or
-        :class:`ReferenceUnsaved`; the caller must then not send anything.
-        """
+    def state(self) -> dict[str, Any]:
+        return {"type": self.kind, "path": str(self.cert_dir)}
+
+    def check(self, instance: InstanceSpec, der: bytes) -> Reference:
         ref = self._current(instance.reference_name) or self._load_or_learn(instance, der)
-        received = sha256(der)
-        if not same_fingerprint(ref.sha256, received):
-            log.error(
-                "certificate mismatch for instance %s:%s: expected sha256 %s (reference %s), received %s; "
-                "if the instance's certificate was changed on purpose, accept it with: %s %s --sha256 %s",
-                instance.host,
-                instance.api_port,
-                ref.sha256,
-                ref.path,
-                received,
-                TRUST_COMMAND,
-                instance.name,
-                received,
-            )
-            raise CertificateMismatch(instance.host, instance.api_port, ref.sha256, received, str(ref.path))
+        if not same_fingerprint(ref.sha256, sha256(der)):
+            raise self.mismatch(instance, ref, der)
         return ref
+
+    # -- what the pins commands and the status page read and change ----------------
+
+    def known(self, name: str) -> Entry:
+        return self.look(name)
+
+    def look(self, name: str) -> Entry:
+        path = self.cert_dir / name
+        try:
+            der, signature = _read_signed(path)
+            return Entry(der, None, signature)
+        except (FileNotFoundError, NotADirectoryError):
+            return Entry(None, None, None)
+        except NotACertificate as exc:
+            problem = str(exc)
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        try:
+            version: Any = _signature(os.stat(path))
+        except OSError:
+            version = None
+        return Entry(None, problem, version)
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.cert_dir.iterdir() if p.name.endswith(".pem") and not p.name.startswith("."))
+        except OSError:
+            return []
+
+    def create(self, name: str, der: bytes) -> tuple[bool, Entry]:
+        path = self.cert_dir / name
+        with reference_lock(path):
+            current = self.look(name)
+            if current.der is not None or current.problem is not None:
+                return False, current
+            tmp = _write_temporary(path, der)
+            try:
+                os.link(tmp, path)
+            finally:
+                _unlink_quietly(tmp)
+            _fsync_dir(self.cert_dir)
+            return True, self.look(name)
+
+    def replace(self, name: str, der: bytes, seen: Entry) -> bool:
+        path = self.cert_dir / name
+        with reference_lock(path):
+            if self.look(name).version != seen.version:
+                return False
+            replace_reference(path, der)
+        return True
+
+    def delete(self, name: str, seen: Entry) -> bool:
+        path = self.cert_dir / name
+        with reference_lock(path):
+            if self.look(name).version != seen.version:
+                return False
+            return delete_reference(path)
 
     def generation(self, name: str) -> int:
         """The generation of reference *name*, after a look at its file if the last is old enough."""
@@ -474,7 +642,7 @@ class PinStore:
         watch = self._watches.get(name)
         if watch is None:
             watch = self._watches.setdefault(name, _Watch())
-        ref = Reference(path=path, der=der, sha256=sha256(der), generation=watch.generation, store=self)
+        ref = Reference(name, str(path), der, sha256(der), watch.generation, self)
         watch.reference = ref
         watch.signature = signature
         watch.checked_at = self._clock()

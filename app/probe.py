@@ -24,7 +24,7 @@ import threading
 import time
 
 from .pinning import NotConnected, presented_certificate
-from .pins import inspect_reference, same_fingerprint, sha256
+from .pins import same_fingerprint, sha256
 from .upstream import Balancer, Upstream
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ def probe(balancer: Balancer, upstream: Upstream) -> str:
     except NotConnected as exc:
         health.failed(f"probe: {exc.reason}")
         return health.state
-    path = balancer.store.path_for(spec)
-    reference, problem = inspect_reference(path)
+    store = balancer.store
+    entry = store.known(spec.reference_name)
+    reference, problem, path = entry.der, entry.problem, store.location(spec.reference_name)
     if problem is not None:
         health.noted(f"probe: reference certificate {path} unusable: {problem}")
         return health.state

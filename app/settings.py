@@ -175,6 +175,40 @@ class TLSPolicy:
     min_version: str = "1.2"
 
 
+#: Values of ``<PinStore type>``.
+PIN_STORE_TYPES = ("directory", "etcd")
+
+
+@dataclass(frozen=True)
+class PinStoreSpec:
+    """The ``PinStore`` element: where reference certificates are kept (docs/design.md, "Fleet").
+
+    ``directory`` (the default) is CertDirPath; ``etcd`` is one store shared
+    by every balancer of a fleet.
+    """
+
+    type: str = "directory"
+    #: etcd client URLs, all http or all https.
+    endpoints: tuple[str, ...] = ()
+    #: Keys live under ``<prefix>/pins/``.
+    prefix: str = "/ctbalancer"
+    #: CA that signed the etcd members' certificates (https endpoints).
+    ca_file: Path | None = None
+    #: Client certificate and key the balancer presents to etcd.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: etcd user; its password is read from ``password_file`` at start-up.
+    user: str | None = None
+    password_file: Path | None = None
+    password: str | None = field(default=None, repr=False)
+    #: Seconds one request to one endpoint may take.
+    timeout: float = 2.0
+
+    @property
+    def pins_prefix(self) -> str:
+        return f"{self.prefix}/pins/"
+
+
 #: Addresses that may read the balancer's own pages by default: loopback.
 DEFAULT_ADMIN_ALLOW = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 
@@ -216,6 +250,8 @@ class Config:
     admin_allow: tuple = DEFAULT_ADMIN_ALLOW
     #: Where the access log goes (AccessLog file): a path, "-" for stderr, None for none.
     access_log: str | None = None
+    #: Where reference certificates are kept (PinStore).
+    pin_store: PinStoreSpec = PinStoreSpec()
 
     @property
     def enabled_instances(self) -> tuple[InstanceSpec, ...]:

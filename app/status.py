@@ -17,7 +17,6 @@ status body names the worker that answered.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
@@ -26,7 +25,7 @@ from werkzeug.wrappers import Request, Response
 from . import accesslog, metrics, probe
 from .errors import BalancerError, Forbidden, MethodNotAllowed, RequestNotAllowed, json_body
 from .health import DISABLED, NOT_PINNED, UP
-from .pins import inspect_reference, sha256
+from .pins import sha256
 from .shared import live_workers
 from .settings import InstanceSpec, allows
 from .upstream import Balancer
@@ -50,6 +49,7 @@ class ReservedPaths:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         probe.start(self.balancer)
+        self.balancer.store.start()
         path = environ.get("PATH_INFO", "")
         if path != PREFIX and not path.startswith(PREFIX + "/"):
 
@@ -103,12 +103,15 @@ class ReservedPaths:
             "workers": live_workers(shared) if shared is not None else [os.getpid()],
             "worker_pid": os.getpid(),
             "configuration": str(config.path),
+            "pin_store": self.balancer.store.state(),
             "instances": [self.instance(spec, upstreams.get(spec), answers) for spec in config.instances],
         }
 
     def instance(self, spec: InstanceSpec, upstream: Any, answers: dict[str, float]) -> dict[str, Any]:
-        path = self.balancer.store.path_for(spec)
-        fingerprint, problem = _fingerprint(path)
+        store = self.balancer.store
+        entry = store.known(spec.reference_name)
+        fingerprint = sha256(entry.der) if entry.der is not None else None
+        problem = entry.problem
         if upstream is None:
             state, in_flight, answered, error, error_at = DISABLED, 0, 0, None, None
         else:
@@ -128,16 +131,10 @@ class ReservedPaths:
             "requests_total": answered,
             "last_error": error,
             "last_error_at": _iso(error_at),
-            "reference": str(path),
+            "reference": store.location(spec.reference_name),
             "reference_sha256": fingerprint,
             "reference_error": problem,
         }
-
-
-def _fingerprint(path: Path) -> tuple[str | None, str | None]:
-    """(SHA-256, None) of the reference file, (None, None) when there is none, (None, reason) when unusable."""
-    der, problem = inspect_reference(path)
-    return (sha256(der) if der is not None else None), problem
 
 
 def _iso(timestamp: float | None) -> str | None:

@@ -63,7 +63,7 @@ INSTANCE_7 = '    <Instance enabled="false" matching_port="9999" api_port="443">
 REQUEST_10 = '    <Request method="GET">/api/v.1.1/suppliers</Request>\n'
 ROOT_ELEMENTS = (
     "Balancer, SSLCertificatePath, SSLPrivateKeyPath, CertDirPath, EventDelimiter, Instances, AllowedRequests, "
-    "Timeouts, Workers, Failover, HealthCheck, Limits, FrontProxy, TLS, Admin, AccessLog"
+    "Timeouts, Workers, Failover, HealthCheck, Limits, FrontProxy, TLS, Admin, AccessLog, PinStore"
 )
 METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 XML_EXPECTED = "expected well-formed XML in UTF-8 or the declared encoding"
@@ -495,6 +495,86 @@ BROKEN = [
         "unknown-element-in-allowedrequests",
         edit(REQUEST_10, '    <Allow method="GET">/api/v.1.1/suppliers</Allow>\n'),
         "{path}:10: unknown element <Allow> in <AllowedRequests>; expected <Request>",
+    ),
+    # -- PinStore ----------------------------------------------------------------------------------------
+    param(
+        "pin-store-type-unknown",
+        before_end('  <PinStore type="consul"/>'),
+        "{path}:13: <PinStore> attribute type='consul' is not valid; expected one of: directory, etcd",
+    ),
+    param(
+        "pin-store-directory-with-endpoints",
+        before_end('  <PinStore type="directory" endpoints="http://127.0.0.1:2379"/>'),
+        "{path}:13: <PinStore> attribute 'endpoints' applies to type='etcd' only; CertDirPath is the directory store",
+    ),
+    param(
+        "pin-store-etcd-without-endpoints",
+        before_end('  <PinStore type="etcd"/>'),
+        "{path}:13: <PinStore type='etcd'> is missing attribute 'endpoints'; expected etcd client URLs",
+    ),
+    param(
+        "pin-store-endpoint-not-a-url",
+        before_end('  <PinStore type="etcd" endpoints="127.0.0.1:2379"/>'),
+        "{path}:13: <PinStore> attribute endpoints='127.0.0.1:2379' has '127.0.0.1:2379', which is not a URL of "
+        "scheme, host and port; expected etcd client URLs separated by spaces, such as https://10.0.0.1:2379, "
+        "all http or all https",
+    ),
+    param(
+        "pin-store-endpoint-with-path",
+        before_end('  <PinStore type="etcd" endpoints="http://127.0.0.1:2379/v3"/>'),
+        "{path}:13: <PinStore> attribute endpoints='http://127.0.0.1:2379/v3' has 'http://127.0.0.1:2379/v3', which "
+        "is not a URL of scheme, host and port; expected etcd client URLs separated by spaces, such as "
+        "https://10.0.0.1:2379, all http or all https",
+    ),
+    param(
+        "pin-store-endpoints-mixed",
+        before_end('  <PinStore type="etcd" endpoints="https://10.0.0.1:2379 http://10.0.0.2:2379"/>'),
+        "{path}:13: <PinStore> attribute endpoints='https://10.0.0.1:2379 http://10.0.0.2:2379' mixes http and "
+        "https; expected etcd client URLs separated by spaces, such as https://10.0.0.1:2379, all http or all https",
+    ),
+    param(
+        "pin-store-endpoint-port-0",
+        before_end('  <PinStore type="etcd" endpoints="http://10.0.0.1:0"/>'),
+        "{path}:13: <PinStore> attribute endpoints='http://10.0.0.1:0' has 'http://10.0.0.1:0', which is not a URL "
+        "of scheme, host and port; expected etcd client URLs separated by spaces, such as https://10.0.0.1:2379, "
+        "all http or all https",
+    ),
+    param(
+        "pin-store-prefix-trailing-slash",
+        before_end('  <PinStore type="etcd" endpoints="http://10.0.0.1:2379" prefix="/ctbalancer/"/>'),
+        "{path}:13: <PinStore> attribute prefix='/ctbalancer/' is not valid; expected a key prefix such as "
+        "/ctbalancer: segments of letters, digits, '.', '_' or '-', each after a '/', no trailing '/'",
+    ),
+    param(
+        "pin-store-timeout-0",
+        before_end('  <PinStore type="etcd" endpoints="http://10.0.0.1:2379" timeout="0"/>'),
+        "{path}:13: <PinStore> attribute timeout='0' is not valid; expected seconds, above 0 and at most 3600",
+    ),
+    param(
+        "pin-store-missing-ca-file",
+        before_end('  <PinStore type="etcd" endpoints="https://10.0.0.1:2379" ca_file="nowhere/ca.pem"/>'),
+        "{path}:13: <PinStore> attribute ca_file='nowhere/ca.pem' is not a readable file; expected a path to one",
+    ),
+    param(
+        "pin-store-tls-over-http",
+        before_end('  <PinStore type="etcd" endpoints="http://10.0.0.1:2379" ca_file="kl_balancer.conf"/>'),
+        "{path}:13: <PinStore> has ca_file or cert_file but its endpoints are http; expected https endpoints for TLS",
+    ),
+    param(
+        "pin-store-cert-without-key",
+        before_end('  <PinStore type="etcd" endpoints="https://10.0.0.1:2379" cert_file="kl_balancer.conf"/>'),
+        "{path}:13: <PinStore> attribute 'cert_file' is set but 'key_file' is missing; expected both or neither",
+    ),
+    param(
+        "pin-store-user-without-password",
+        before_end('  <PinStore type="etcd" endpoints="https://10.0.0.1:2379" user="ctbalancer"/>'),
+        "{path}:13: <PinStore> attribute 'user' is set but 'password_file' is missing; expected both or neither",
+    ),
+    param(
+        "pin-store-unknown-attribute",
+        before_end('  <PinStore type="etcd" endpoints="https://10.0.0.1:2379" lease="10"/>'),
+        "{path}:13: <PinStore> has unknown attribute 'lease'; expected: type, endpoints, prefix, user, timeout, "
+        "ca_file, cert_file, key_file, password_file",
     ),
     # -- Timeouts, Workers ----------------------------------------------------------------------------
     param(

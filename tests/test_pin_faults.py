@@ -41,11 +41,10 @@ from pathlib import Path
 import pytest
 import trustme
 
-from app.cli import reference_files
 from app.settings import InstanceSpec
 from app.errors import CertificateMismatch
 from app.pins import (
-    PinStore,
+    DirectoryStore,
     delete_reference,
     der_to_pem,
     read_reference,
@@ -114,7 +113,7 @@ def fork(action) -> int:
 def first_contact_stopped_at(cert_dir: Path, der: bytes, step: str) -> int:
     def action() -> None:
         install(step)
-        PinStore(cert_dir).check(INSTANCE, der)
+        DirectoryStore(cert_dir).check(INSTANCE, der)
 
     pid = fork(action)
     stopped_then_killed(pid)
@@ -148,16 +147,16 @@ def test_first_contact_killed_at_every_step_100_times(tmp_path, ders):
         assert strays(cert_dir) == [str(pid)], (i, step)
         # Nothing but the reference can be taken for one.
         assert fnmatch.filter(os.listdir(cert_dir), "*.pem") == ([NAME] if step in AFTER_LINK else [])
-        assert reference_files(cert_dir) == ([reference] if step in AFTER_LINK else [])
+        assert DirectoryStore(cert_dir).names() == ([reference.name] if step in AFTER_LINK else [])
 
         # The next contact (a new worker) learns, or checks against what was saved.
         if step in AFTER_LINK:
-            assert PinStore(cert_dir).check(INSTANCE, der).der == der
+            assert DirectoryStore(cert_dir).check(INSTANCE, der).der == der
             with pytest.raises(CertificateMismatch):
-                PinStore(cert_dir).check(INSTANCE, other)
+                DirectoryStore(cert_dir).check(INSTANCE, other)
             assert strays(cert_dir) == [str(pid)]  # only a save cleans up
         else:
-            assert PinStore(cert_dir).check(INSTANCE, other).der == other
+            assert DirectoryStore(cert_dir).check(INSTANCE, other).der == other
             assert read_reference(reference) == other
             assert strays(cert_dir) == []
         # An operator forgets it, so the next iteration saves again.
@@ -165,7 +164,7 @@ def test_first_contact_killed_at_every_step_100_times(tmp_path, ders):
             assert delete_reference(reference)
     assert seen == {step: 20 for step in SAVE_STEPS}
     # A last first contact leaves exactly the reference and its lock.
-    assert PinStore(cert_dir).check(INSTANCE, ders[0]).der == ders[0]
+    assert DirectoryStore(cert_dir).check(INSTANCE, ders[0]).der == ders[0]
     assert sorted(os.listdir(cert_dir)) == [LOCK, NAME]
 
 
@@ -187,7 +186,7 @@ def test_trust_killed_while_replacing_keeps_the_old_reference(tmp_path, ders):
         stopped_then_killed(pid)
         assert read_reference(reference) == ders[0], (i, step)
         assert strays(cert_dir) == [str(pid)], (i, step)
-        assert reference_files(cert_dir) == [reference]
+        assert DirectoryStore(cert_dir).names() == [reference.name]
         # The lock died with the process: the next command takes it at once.
         with reference_lock(reference, timeout=5):
             pass

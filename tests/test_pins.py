@@ -15,7 +15,7 @@ from app.settings import InstanceSpec
 from app.errors import CertificateMismatch, ReferenceUnreadable, ReferenceUnsaved
 from app.pins import (
     NotACertificate,
-    PinStore,
+    DirectoryStore,
     delete_reference,
     der_to_pem,
     loose_permissions,
@@ -73,10 +73,10 @@ def test_unusable_reference_contents_are_refused(ders, ca, content, reason):
 
 
 def test_first_contact_creates_directory_and_file(tmp_path, ders):
-    store = PinStore(tmp_path / "a" / "b")
+    store = DirectoryStore(tmp_path / "a" / "b")
     ref = store.check(INSTANCE, ders[0])
     path = tmp_path / "a" / "b" / "192.0.2.10_9999.pem"
-    assert ref.path == path
+    assert ref.location == str(path)
     assert read_reference(path) == ders[0]
     assert ref.sha256 == sha256(ders[0])
     # Only the reference and its lock file; no temporary file is left behind.
@@ -85,7 +85,7 @@ def test_first_contact_creates_directory_and_file(tmp_path, ders):
 
 
 def test_mismatch_names_instance_and_both_fingerprints(tmp_path, ders):
-    store = PinStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     store.check(INSTANCE, ders[0])
     with pytest.raises(CertificateMismatch) as exc:
         store.check(INSTANCE, ders[1])
@@ -106,7 +106,7 @@ def test_unreadable_reference_is_refused_and_left_untouched(tmp_path, ders):
     path = tmp_path / "192.0.2.10_9999.pem"
     path.write_bytes(b"not a certificate\n")
     with pytest.raises(ReferenceUnreadable) as exc:
-        PinStore(tmp_path).check(INSTANCE, ders[0])
+        DirectoryStore(tmp_path).check(INSTANCE, ders[0])
     assert exc.value.status == 500
     assert exc.value.body()["error"] == "reference_certificate_unreadable"
     assert path.read_bytes() == b"not a certificate\n"
@@ -116,7 +116,7 @@ def test_directory_that_cannot_be_created_refuses_with_unsaved(tmp_path, ders):
     blocker = tmp_path / "file"
     blocker.write_text("I am a file")
     with pytest.raises(ReferenceUnsaved) as exc:
-        PinStore(blocker / "certs").check(INSTANCE, ders[0])
+        DirectoryStore(blocker / "certs").check(INSTANCE, ders[0])
     body = exc.value.body()
     assert body["error"] == "reference_certificate_unsaved"
     assert body["host"] == "192.0.2.10" and body["port"] == 443
@@ -134,7 +134,7 @@ class FakeClock:
 
 def test_reference_is_read_once_then_restated_at_most_every_interval(tmp_path, ders, monkeypatch):
     clock = FakeClock()
-    store = PinStore(tmp_path, recheck_interval=0.5, clock=clock)
+    store = DirectoryStore(tmp_path, recheck_interval=0.5, clock=clock)
     first = store.check(INSTANCE, ders[0])
     path = tmp_path / "192.0.2.10_9999.pem"
     looks: list[str] = []
@@ -174,7 +174,7 @@ def test_reference_is_read_once_then_restated_at_most_every_interval(tmp_path, d
 
 def test_same_certificate_written_again_keeps_connections(tmp_path, ders):
     clock = FakeClock()
-    store = PinStore(tmp_path, clock=clock)
+    store = DirectoryStore(tmp_path, clock=clock)
     ref = store.check(INSTANCE, ders[0])
     path = tmp_path / "192.0.2.10_9999.pem"
     path.unlink()
@@ -186,7 +186,7 @@ def test_same_certificate_written_again_keeps_connections(tmp_path, ders):
 
 def test_reference_made_unreadable_is_refused_at_the_next_look(tmp_path, ders):
     clock = FakeClock()
-    store = PinStore(tmp_path, clock=clock)
+    store = DirectoryStore(tmp_path, clock=clock)
     ref = store.check(INSTANCE, ders[0])
     (tmp_path / "192.0.2.10_9999.pem").write_bytes(b"damaged")
     clock.now += 1
@@ -213,7 +213,7 @@ def test_replace_reference_is_atomic_and_leaves_no_temporary_file(tmp_path, ders
 def test_reference_lock_is_the_one_first_contacts_take(tmp_path, ders):
     """A first contact waits while an operator command holds the lock, then compares with what it wrote."""
     path = tmp_path / "192.0.2.10_9999.pem"
-    store = PinStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     results: list[object] = []
     with reference_lock(path):
         t = threading.Thread(target=lambda: results.append(_outcome(store, ders[0])))
@@ -225,7 +225,7 @@ def test_reference_lock_is_the_one_first_contacts_take(tmp_path, ders):
     assert results == ["mismatch"]
 
 
-def _outcome(store: PinStore, der: bytes) -> str:
+def _outcome(store: DirectoryStore, der: bytes) -> str:
     try:
         store.check(INSTANCE, der)
         return "accepted"
@@ -236,7 +236,7 @@ def _outcome(store: PinStore, der: bytes) -> str:
 def test_loose_permissions_are_reported(tmp_path, ders):
     cert_dir = tmp_path / "certs"
     assert loose_permissions(cert_dir) == []
-    PinStore(cert_dir).check(INSTANCE, ders[0])
+    DirectoryStore(cert_dir).check(INSTANCE, ders[0])
     assert loose_permissions(cert_dir) == []
     path = cert_dir / "192.0.2.10_9999.pem"
     path.chmod(0o664)
@@ -245,7 +245,7 @@ def test_loose_permissions_are_reported(tmp_path, ders):
 
 
 def test_threads_racing_on_first_contact_save_one_file(tmp_path, ders):
-    store = PinStore(tmp_path)
+    store = DirectoryStore(tmp_path)
     results: list[object] = []
     barrier = threading.Barrier(32)
 
@@ -272,7 +272,7 @@ def test_threads_racing_on_first_contact_save_one_file(tmp_path, ders):
 def _race_in_process(cert_dir: str, der: bytes, start: multiprocessing.synchronize.Event, out) -> None:
     start.wait()
     try:
-        out.put(PinStore(Path(cert_dir)).check(INSTANCE, der).sha256)
+        out.put(DirectoryStore(Path(cert_dir)).check(INSTANCE, der).sha256)
     except CertificateMismatch as exc:
         out.put("mismatch:" + exc.fields["received_sha256"])
 

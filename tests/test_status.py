@@ -80,6 +80,7 @@ def test_health_and_status_answer_exact_json_per_worker(tmp_path, make_instance,
         "workers": [pid],
         "worker_pid": pid,
         "configuration": str(path),
+        "pin_store": {"type": "directory", "path": str(certs)},
         "instances": [
             entry("127.0.0.1", up.port, 9001, certs / "127.0.0.1_9001.pem", state="not yet pinned"),
             entry("127.0.0.1", refused, 9002, certs / "127.0.0.1_9002.pem", state="not yet pinned"),
@@ -100,6 +101,7 @@ def test_health_and_status_answer_exact_json_per_worker(tmp_path, make_instance,
         "workers": [pid],
         "worker_pid": pid,
         "configuration": str(path),
+        "pin_store": {"type": "directory", "path": str(certs)},
         "instances": [
             entry("127.0.0.1", up.port, 9001, certs / "127.0.0.1_9001.pem", reference_sha256=sha256(up.der), requests_total=2),
             entry(
