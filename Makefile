@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: venv test check demo bench soak hostile clean
+.PHONY: venv test check demo fleet-demo bench soak hostile clean etcd
 
 venv: $(STAMP)
 
@@ -13,8 +13,15 @@ $(STAMP): requirements.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
-# The whole test suite (real HTTPS instances, real gunicorn workers).
-test: $(STAMP)
+# etcd for the fleet tests and make fleet-demo: Debian's etcd-server, when missing.
+etcd:
+	@if ! command -v etcd >/dev/null 2>&1; then \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends etcd-server; \
+	fi
+
+# The whole test suite (real HTTPS instances, real gunicorn workers, real etcd clusters).
+test: $(STAMP) etcd
 	$(BIN)/python -m pytest
 
 # The unit tables only (configuration, routes, headers, selection, failover
@@ -27,6 +34,12 @@ check: $(STAMP)
 # check request through it; serves until Ctrl-C.
 demo: $(STAMP)
 	$(BIN)/python -m demo.run
+
+# A fleet: a 3-member etcd cluster and two balancers on loopback sharing it,
+# in front of the demo instances; one certificate rotation trusted once and
+# seen by both; serves until Ctrl-C.
+fleet-demo: $(STAMP) etcd
+	$(BIN)/python -m demo.fleet
 
 # Benchmark: the balancer against a direct connection and nginx, on loopback
 # (bench/run.py; BENCH_SECONDS=2 BENCH_ROUNDS=1 for a smoke run). Installs
