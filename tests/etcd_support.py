@@ -62,8 +62,16 @@ class Member:
 class EtcdCluster:
     """*size* etcd members on 127.0.0.1; optionally TLS for clients (*tls*: dict of server cert, key, CA paths)."""
 
-    def __init__(self, directory: Path, size: int = 3, tls: dict[str, Path] | None = None, client_cert_auth: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size: int = 3,
+        tls: dict[str, Path] | None = None,
+        client_cert_auth: bool = False,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         require_etcd()
+        self.extra_args = extra_args
         self.directory = directory
         self.tls = tls
         self.client_cert_auth = client_cert_auth
@@ -102,6 +110,7 @@ class EtcdCluster:
             args += ["--cert-file", str(self.tls["cert"]), "--key-file", str(self.tls["key"])]
             if self.client_cert_auth:
                 args += ["--client-cert-auth", "--trusted-ca-file", str(self.tls["ca"])]
+        args += list(self.extra_args)
         member.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     # -- state --------------------------------------------------------------------
@@ -171,11 +180,11 @@ class EtcdCluster:
         """Every key under *prefix* with its value decoded, create/mod revision and version."""
         end = bytearray(prefix.encode())
         end[-1] += 1
-        answer = self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(bytes(end))})
+        answer = self.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(bytes(end))}, token=self.root_token)
         return [
             {
                 "key": base64.b64decode(kv["key"]).decode(),
-                "value": json.loads(base64.b64decode(kv.get("value", ""))) if kv.get("value") else None,
+                "value": _json(base64.b64decode(kv.get("value", ""))),
                 "raw": base64.b64decode(kv.get("value", "")),
                 "create_revision": int(kv["create_revision"]),
                 "mod_revision": int(kv["mod_revision"]),
@@ -185,7 +194,40 @@ class EtcdCluster:
         ]
 
     def put(self, key: str, value: bytes) -> None:
-        self.call("/v3/kv/put", {"key": b64(key), "value": b64(value)})
+        self.call("/v3/kv/put", {"key": b64(key), "value": b64(value)}, token=self.root_token)
+
+    auth = False
+
+    @property
+    def root_token(self) -> str | None:
+        """A fresh root token once auth is on (tokens may be made to expire within a second)."""
+        if not self.auth:
+            return None
+        return self.call("/v3/auth/authenticate", {"name": "root", "password": "root-password"})["token"]
+
+    def enable_auth(self, user: str, password: str, prefix: str) -> None:
+        """A root user, and *user* whose role may read and write the keys under *prefix* only; then auth on.
+
+        What the README's "Fleet" section tells operators to set up.
+        """
+        end = bytearray(prefix.encode())
+        end[-1] += 1
+        for path, body in (
+            ("/v3/auth/user/add", {"name": "root", "password": "root-password"}),
+            ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+            ("/v3/auth/role/add", {"name": "ctbalancer"}),
+            ("/v3/auth/role/grant", {"name": "ctbalancer", "perm": {"permType": "READWRITE", "key": b64(prefix), "range_end": b64(bytes(end))}}),
+            ("/v3/auth/user/add", {"name": user, "password": password}),
+            ("/v3/auth/user/grant", {"user": user, "role": "ctbalancer"}),
+            ("/v3/auth/enable", {}),
+        ):
+            self.call(path, body)
+        self.auth = True
+
+    def compact(self) -> None:
+        """Compact the history up to now: a watch from an older revision is cancelled."""
+        revision = int(self.call("/v3/kv/range", {"key": b64("/")}, token=self.root_token)["header"]["revision"])
+        self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True}, token=self.root_token)
 
     # -- faults -------------------------------------------------------------------
 
@@ -217,6 +259,13 @@ class EtcdCluster:
                 pass
             member.proc.kill()
             member.proc.wait(10)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
 
 
 def pin_store_element(cluster: EtcdCluster, prefix: str = "/ctbalancer", extra: str = "") -> str:
