@@ -182,7 +182,7 @@ class EtcdStore(PinStore):
                 created, kv = self.etcd.create(self.key(name), encode(der))
             except (EtcdUnavailable, EtcdRefused) as exc:
                 self._failed[name] = (self._clock(), str(exc))
-                self._lost(f"first contact with {instance.name}: {exc}")
+                self._lost(f"first contact with {instance.name}: {exc}", "learn")
                 raise self._unavailable(instance, str(exc)) from exc
             self._found()
             self._apply(name, kv)
@@ -285,7 +285,7 @@ class EtcdStore(PinStore):
             except Compacted as exc:
                 log.info("pin store watch restarted: %s", exc)
             except (EtcdUnavailable, EtcdRefused) as exc:
-                self._lost(str(exc))
+                self._lost(str(exc), "watch")
                 time.sleep(RETRY_DELAY)
             except Exception:  # a bug here must not stop this worker from seeing changes
                 log.exception("pin store watcher failed unexpectedly")
@@ -296,11 +296,14 @@ class EtcdStore(PinStore):
             log.warning("pin store reachable again (%s)", " ".join(self.spec.endpoints))
         self.reachable = True
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, reason: str, operation: str) -> None:
         if self.reachable is not False:
             log.error("pin store unreachable: %s; references already known are still enforced", reason)
         self.reachable = False
         self.last_error, self.last_error_at = reason, time.time()
+        from . import metrics  # here: app.metrics reads references through app.pins
+
+        metrics.PIN_STORE_FAILURES.labels(operation).inc()
 
     # -- what the pins commands and the status page read and change ----------------
 

@@ -9,7 +9,7 @@ registration lock dropped, app.shared) are folded into a ``*_retired.db``
 file and removed, under a lock, by the first scrape or new worker that sees
 them: counters never go down, and the directory holds one file per type per
 live worker plus the retired ones, however many workers came and went.
-Gauges (in flight, up, reference expiry, workers) are read from the node's
+Gauges (in flight, up, reference expiry, pin store up, workers) are read from the node's
 state at scrape time.
 
 prometheus_client loads ``ssl``: this module is imported in workers only,
@@ -59,6 +59,12 @@ RESPONSE_SECONDS = Histogram(
 PIN_LEARNED = Counter("ctbalancer_pin_learned", "References learned on first contact.", ["instance"], registry=_LOCAL)
 PIN_MISMATCH = Counter(
     "ctbalancer_pin_mismatch", "Connections refused for a certificate mismatch.", ["instance"], registry=_LOCAL
+)
+PIN_STORE_FAILURES = Counter(
+    "ctbalancer_pin_store_failures",
+    "Requests to the shared pin store (etcd) that no endpoint could carry out, by operation.",
+    ["operation"],
+    registry=_LOCAL,
 )
 
 
@@ -129,6 +135,12 @@ class _NodeGauges:
         yield in_flight
         yield up
         yield expiry
+        store = self.balancer.store.state()
+        yield GaugeMetricFamily(
+            "ctbalancer_pin_store_up",
+            "1 when the pin store answered the serving worker's last request (always 1 for a directory), else 0.",
+            value=0.0 if store.get("state") == "unreachable" else 1.0,
+        )
         yield GaugeMetricFamily("ctbalancer_workers", "Live workers.", value=workers)
 
 

@@ -234,6 +234,8 @@ def test_quorum_lost_known_instances_served_new_ones_refused_then_learned(tmp_pa
     assert status["pin_store"]["state"] == "unreachable"
     metrics = get(balancer.port, "/_balancer/metrics").body.decode()
     assert 'ctbalancer_errors_total{error="pin_store_unavailable"}' in metrics
+    assert "\nctbalancer_pin_store_up 0.0\n" in metrics
+    assert 'ctbalancer_pin_store_failures_total{operation="learn"}' in metrics
 
     for member in stopped:
         cluster.cont(member)
@@ -246,7 +248,16 @@ def test_quorum_lost_known_instances_served_new_ones_refused_then_learned(tmp_pa
         time.sleep(0.2)
     assert new.port in ports  # learned without a restart
     assert stored_der(stored(cluster)["127.0.0.1_9102"]) == new.der
-    assert json.loads(get(balancer.port, "/_balancer/status").body)["pin_store"]["state"] == "reachable"
+    # Every worker's watcher finds the store again (each asks on its own; the next read is within seconds).
+    deadline = time.monotonic() + 15
+    views = []
+    while time.monotonic() < deadline:
+        views = [json.loads(get(balancer.port, "/_balancer/status").body)["pin_store"]["state"] for _ in range(6)]
+        if views == ["reachable"] * 6:
+            break
+        time.sleep(0.2)
+    assert views == ["reachable"] * 6
+    assert "\nctbalancer_pin_store_up 1.0\n" in get(balancer.port, "/_balancer/metrics").body.decode()
 
 
 def test_pins_push_with_a_conflict_changes_nothing_and_push_pull_copy_the_rest(tmp_path, cluster, ca, make_instance):

@@ -31,6 +31,8 @@ SERVED = {
     "ctbalancer_pin_mismatch_total",
     "ctbalancer_pin_expiry_timestamp_seconds",
     "ctbalancer_workers",
+    "ctbalancer_pin_store_up",
+    "ctbalancer_pin_store_failures_total",
 }
 
 
@@ -42,10 +44,10 @@ def names(expr: str) -> set[str]:
 def test_promtool_accepts_the_rules() -> None:
     done = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 4 rules found" in done.stdout
+    assert "SUCCESS: 5 rules found" in done.stdout
 
 
-def test_rules_alert_on_the_four_conditions_with_served_metrics() -> None:
+def test_rules_alert_on_the_five_conditions_with_served_metrics() -> None:
     text = RULES.read_text()
     alerts = re.findall(r"- alert: (\w+)\n\s+expr: (.+)", text)
     assert [a for a, _ in alerts] == [
@@ -53,6 +55,7 @@ def test_rules_alert_on_the_four_conditions_with_served_metrics() -> None:
         "CtbalancerCertificateMismatch",
         "CtbalancerReferenceExpiringSoon",
         "CtbalancerNoInstanceAvailable",
+        "CtbalancerPinStoreUnreachable",
     ]
     for _, expr in alerts:
         assert names(expr) and names(expr) <= SERVED, expr
@@ -68,6 +71,8 @@ def test_dashboard_queries_only_served_metrics() -> None:
 
 def test_the_served_metric_names_are_the_documented_ones() -> None:
     defined = {m._name + "_total" for m in (metrics.REQUESTS, metrics.ERRORS, metrics.INSTANCE_REQUESTS,
-                                             metrics.INSTANCE_FAILURES, metrics.PIN_LEARNED, metrics.PIN_MISMATCH)}
+                                             metrics.INSTANCE_FAILURES, metrics.PIN_LEARNED, metrics.PIN_MISMATCH,
+                                             metrics.PIN_STORE_FAILURES)}
     assert defined | {metrics.RESPONSE_SECONDS._name + "_bucket", "ctbalancer_instance_in_flight", "ctbalancer_instance_up",
-                      "ctbalancer_pin_expiry_timestamp_seconds", "ctbalancer_workers"} == SERVED
+                      "ctbalancer_pin_expiry_timestamp_seconds", "ctbalancer_workers",
+                      "ctbalancer_pin_store_up"} == SERVED
