@@ -69,4 +69,4 @@ hostile: $(STAMP)
 	$(BIN)/python bench/hostile.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .fleet-demo .pytest_cache

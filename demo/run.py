@@ -94,15 +94,16 @@ def stop_all(procs: list[subprocess.Popen], timeout: float = 10) -> None:
             proc.kill()
 
 
-def start_instance(name: str, port: int) -> subprocess.Popen:
-    log = open(WORK / f"instance_{name}.log", "ab")
+def start_instance(name: str, port: int, work: Path = WORK) -> subprocess.Popen:
+    """Demo instance *name* on *port*, with its certificate, key and logs in *work*."""
+    log = open(work / f"instance_{name}.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "demo.instance", "--host", "127.0.0.1", "--port", str(port),
-         "--cert", str(WORK / f"instance_{name}.pem"), "--key", str(WORK / f"instance_{name}.key"),
-         "--name", name, "--log", str(WORK / f"instance_{name}.requests")],
+         "--cert", str(work / f"instance_{name}.pem"), "--key", str(work / f"instance_{name}.key"),
+         "--name", name, "--log", str(work / f"instance_{name}.requests")],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
-    wait_for_port(port, proc, f"instance {name}")
+    wait_for_port(port, proc, f"instance {name}", logs=work)
     return proc
 
 

@@ -39,3 +39,32 @@ def test_demo_answers_through_both_instances_and_shows_references(tmp_path):
     assert "GET /_balancer/metrics -> 200 (excerpt):" in out
     assert re.search(r'ctbalancer_pin_mismatch_total\{instance="127\.0\.0\.1:\d+"\} [1-9]', out), out
 
+
+
+def test_fleet_demo_learns_once_and_trusts_once_for_both_balancers(tmp_path):
+    from .etcd_support import require_etcd
+
+    require_etcd()
+    result = subprocess.run(
+        [sys.executable, "-m", "demo.fleet", "--once"],
+        cwd=ROOT,
+        env={**os.environ, "FLEET_DEMO_DIR": str(tmp_path / "fleet")},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for number in (1, 2):
+        for name in ("A", "B"):
+            assert f"balancer {number}: GET /api/v.1.1/suppliers -> 200, answered by instance {name}" in out
+        assert f"balancer {number}: GET /api/v.1.1/suppliers -> 500 certificate_mismatch" in out
+        assert re.search(rf"balancer {number}: GET /_balancer/status -> 200: pin store etcd reachable, 2 references", out)
+    keys = re.findall(r"    (/ctbalancer/pins/\S+)  sha256 [0-9a-f]{64}", out)
+    assert keys == ["/ctbalancer/pins/127.0.0.1_9999", "/ctbalancer/pins/localhost_9999"]
+    assert re.search(r"trusted: etcd:/ctbalancer/pins/127\.0\.0\.1_9999 now holds sha256 [0-9a-f]{64}", out)
+    after = out.split("One second later, through both balancers:")[1]
+    assert "balancer 1: GET /api/v.1.1/suppliers -> 200, answered by instance A" in after
+    assert "balancer 2: GET /api/v.1.1/suppliers -> 200, answered by instance A" in after
+    # Everything it started is stopped.
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "fleet")], capture_output=True).stdout == b""
