@@ -119,6 +119,8 @@ class EtcdStore(PinStore):
         #: The last failed attempt to learn each name: (when, why).
         self._failed: dict[str, tuple[float, str]] = {}
         self._started = False
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
         #: None until etcd was first asked; then whether the last request succeeded.
         self.reachable: bool | None = None
         self.last_error: str | None = None
@@ -273,23 +275,33 @@ class EtcdStore(PinStore):
         if self._started:
             return
         self._started = True
-        threading.Thread(target=self._watch_loop, name="pin store watcher", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch_loop, name="pin store watcher", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stop the watcher (within one watch period) and close the connections to etcd."""
+        self._closed.set()
+        if self._watcher is not None:
+            self._watcher.join(self.resync_interval + 2 * self.spec.timeout * len(self.spec.endpoints))
+        self.etcd.close()
 
     def _watch_loop(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 revision = self.resync()
                 self._found()
                 for events in self.etcd.watch(self.spec.pins_prefix, revision + 1, self.resync_interval):
                     self._watched(events)
+                    if self._closed.is_set():
+                        break
             except Compacted as exc:
                 log.info("pin store watch restarted: %s", exc)
             except (EtcdUnavailable, EtcdRefused) as exc:
                 self._lost(str(exc), "watch")
-                time.sleep(RETRY_DELAY)
+                self._closed.wait(RETRY_DELAY)
             except Exception:  # a bug here must not stop this worker from seeing changes
                 log.exception("pin store watcher failed unexpectedly")
-                time.sleep(1.0)
+                self._closed.wait(1.0)
 
     def _found(self) -> None:
         if self.reachable is False:

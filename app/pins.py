@@ -461,6 +461,9 @@ class PinStore(abc.ABC):
     def start(self) -> None:
         """Start what keeps this worker's view current, once gevent has patched (nothing for a directory)."""
 
+    def close(self) -> None:
+        """Stop what :meth:`start` started and let go of connections (nothing for a directory)."""
+
     def mismatch(self, instance: InstanceSpec, ref: Reference, der: bytes, whose: str = "") -> CertificateMismatch:
         """Log the refusal of *der* at ERROR and return the error for the client (docs/design.md, "Reference certificates")."""
         received = sha256(der)

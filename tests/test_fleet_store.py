@@ -34,12 +34,27 @@ def ders(ca):
 def single(tmp_path):
     c = EtcdCluster(tmp_path / "etcd", size=1)
     yield c
+    while OPENED:  # the watchers first, while their cluster still answers
+        OPENED.pop().close()
     c.close()
+
+
+#: Every store a test opened, closed after it: no watcher outlives its test and its cluster.
+OPENED: list[EtcdStore] = []
+
+
+@pytest.fixture(autouse=True)
+def close_stores():
+    yield
+    while OPENED:
+        OPENED.pop().close()
 
 
 def store_for(cluster: EtcdCluster, **fields) -> EtcdStore:
     spec = PinStoreSpec(type="etcd", endpoints=tuple(cluster.endpoints.split()), **fields)
-    return EtcdStore(spec, resync_interval=1.0)
+    store = EtcdStore(spec, resync_interval=1.0)
+    OPENED.append(store)
+    return store
 
 
 def wait_for(predicate, seconds: float = 1.0) -> float:
@@ -130,6 +145,7 @@ def test_the_next_endpoint_is_tried_when_one_is_down(single, ders):
     dead = f"http://127.0.0.1:{free_port()}"
     spec = PinStoreSpec(type="etcd", endpoints=(dead, single.members[0].url))
     store = EtcdStore(spec)
+    OPENED.append(store)
     assert store.check(INSTANCE, ders[0]).der == ders[0]
     assert store.etcd.endpoints[store.etcd._first] == single.members[0].url
 
