@@ -170,7 +170,8 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
-    """Register this worker with the node, and start its health checks (HealthCheck interval).
+    """Register this worker with the node, and start its background work: health checks
+    (HealthCheck interval), the pin store's watcher, the journal's replays.
 
     Imported here, in the worker, after gevent has patched: a probe loop is
     then a greenlet. No probe starts when the interval is 0 (the default).
@@ -185,4 +186,11 @@ def post_worker_init(worker):
         from app.metrics import fold_dead_workers
 
         fold_dead_workers()  # the files of workers that died before this one started
-    start(worker.wsgi.extensions[EXTENSION])
+    balancer = worker.wsgi.extensions[EXTENSION]
+    start(balancer)
+    # The shared pin store's watcher (etcd) and the fan-out journal's replays run from boot,
+    # not from the first request: a restarted balancer replays what it owes before anyone asks.
+    balancer.store.start()
+    from app.fanout import start_replayer
+
+    start_replayer(balancer)

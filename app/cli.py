@@ -29,12 +29,14 @@ Errors are one line on stderr, with an exit status per cause:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import pwd
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Iterator
 
 import click
 from flask import current_app
@@ -570,3 +572,114 @@ def pull_command() -> None:
     config = _config()
     store = _shared_store(config, "pull")
     _copy(store, DirectoryStore(config.cert_dir), "pull")
+
+
+# -- the fan-out journal ------------------------------------------------------------------------------
+
+journal = AppGroup("journal", help="Fan-out writes the instances still owe: list, show, retry, drop.")
+
+
+def _journal(config: Config):
+    from .journal import Journal  # here: the pins commands never need it
+
+    if not config.fanout:
+        click.echo(f"note: no <Request fanout=\"true\"> in {config.path}; showing the journal {config.journal_dir} anyway")
+    return Journal(config.journal_dir)
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@journal.command("list")
+def journal_list_command() -> None:
+    """Every enabled instance: up to date, catching up (and how many writes it owes), or diverged."""
+    config = _config()
+    book = _journal(config)
+    click.echo(f"journal: {book.directory}")
+    counts, diverged = book.counts(), book.diverged()
+    for instance in config.enabled_instances:
+        name = instance.name
+        owed = counts.get(name, 0)
+        if name in diverged:
+            state = f"diverged at write {diverged[name]['seq']}"
+        elif owed:
+            state = "catching up"
+        else:
+            state = "up to date"
+        click.echo(f"{name}  {state}, owes {owed} write(s)")
+
+
+@journal.command("show")
+@click.argument("name", metavar="HOST[:PORT]")
+def journal_show_command(name: str) -> None:
+    """The writes HOST[:PORT] owes, oldest first, and why it diverged if it did."""
+    config = _config()
+    instance = resolve(config, name)
+    book = _journal(config)
+    diverged = book.diverged().get(instance.name)
+    owed = book.owed(instance.name)
+    click.echo(f"{instance.name}: owes {len(owed)} write(s)")
+    if diverged is not None:
+        click.echo(
+            f"  diverged:  write {diverged['seq']} ({diverged['method']} {diverged['target']}) was answered "
+            f"{diverged['answer']}, the other instances answered {diverged['expected']} ({_when(diverged['at'])})"
+        )
+        click.echo(f"  settle it: make {instance.name} hold what the others hold, then "
+                   f"flask --app wsgi journal drop {instance.name} (or journal retry {instance.name} to replay again)")
+    for write in owed:
+        agreed = write.status if write.status is not None else "not yet known"
+        click.echo(f"  write {write.seq}  {_when(write.accepted_at)}  {write.method} {write.target}  "
+                   f"{write.size} bytes  answered {agreed} by the others")
+
+
+@journal.command("retry")
+@click.argument("name", metavar="HOST[:PORT]")
+def journal_retry_command(name: str) -> None:
+    """Replay to a diverged HOST[:PORT] again, from the write it refused (after fixing the instance)."""
+    config = _config()
+    instance = resolve(config, name)
+    book = _journal(config)
+    with _journal_lock(book, config):
+        cleared = book.clear_diverged(instance.name)
+    if not cleared:
+        click.echo(f"{instance.name} is not diverged: nothing to retry")
+        return
+    click.echo(f"{instance.name}: replays start again within a second, oldest write first")
+
+
+@journal.command("drop")
+@click.argument("name", metavar="HOST[:PORT]")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def journal_drop_command(name: str, yes: bool) -> None:
+    """Drop every write HOST[:PORT] owes and let it take requests again: you made it identical by hand."""
+    config = _config()
+    instance = resolve(config, name)
+    book = _journal(config)
+    owed = book.owed(instance.name)
+    diverged = instance.name in book.diverged()
+    if not owed and not diverged:
+        click.echo(f"{instance.name} owes nothing: nothing to drop")
+        return
+    if not yes and not click.confirm(
+        f"Drop the {len(owed)} write(s) {instance.name} owes? It will take requests again without them."
+    ):
+        raise PinsError(f"declined; the journal of {instance.name} was not changed", EXIT_DECLINED)
+    with _journal_lock(book, config):
+        dropped = book.owed(instance.name)
+        for write in dropped:
+            book.settle(write, [instance.name])
+        book.clear_diverged(instance.name)
+    click.echo(f"dropped {len(dropped)} write(s) owed by {instance.name}; it takes requests again")
+
+
+@contextlib.contextmanager
+def _journal_lock(book: Any, config: Config) -> Iterator[None]:
+    """The node's fan-out lock, as running workers take it; a journal that cannot be used is exit 8."""
+    from .journal import JournalUnavailable
+
+    try:
+        with book.lock(config.timeouts.total):
+            yield
+    except JournalUnavailable as exc:
+        raise PinsError(str(exc), EXIT_STORE) from exc

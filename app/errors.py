@@ -258,3 +258,29 @@ class PinStoreUnavailable(InstanceError):
             retry_after=retry_after,
             reference=reference,
         )
+
+
+class FanoutInconsistent(BalancerError):
+    """The instances answered a fan-out write with different statuses; nothing was journaled."""
+
+    status = 502
+    code = "fanout_inconsistent"
+
+    def __init__(self, instances: list[dict[str, Any]]) -> None:
+        super().__init__(
+            "The instances answered this fan-out write differently, so they no longer hold the same data; "
+            "the write was not journaled for anyone. Compare the instances, then send it again.",
+            instances=instances,
+        )
+
+
+class JournalFailed(BalancerError):
+    """A fan-out write could not be journaled (disk, permissions, a lock held too long); nothing was sent."""
+
+    status = 503
+    code = "journal_unavailable"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"The fan-out write could not be journaled, so it was sent to no instance: {reason}.", retry_after=5
+        )

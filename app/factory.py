@@ -6,7 +6,7 @@ import logging
 
 from flask import Flask
 
-from .cli import pins
+from .cli import journal, pins
 from .lifecycle import active
 from .loader import ConfigError, load
 from .pins import loose_permissions, open_store
@@ -37,6 +37,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.config["BALANCER"] = config
     install(app, config, Balancer(config, open_store(config)))
     app.cli.add_command(pins)
+    app.cli.add_command(journal)
     for loose in loose_permissions(config.cert_dir):
         log.warning("%s is writable by group or others: whoever can write there decides which certificates "
                     "the balancer trusts; chmod go-w it", loose)

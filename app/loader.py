@@ -30,6 +30,7 @@ from lxml import etree
 from .settings import (
     ALLOWED_METHODS,
     DEFAULT_ADMIN_ALLOW,
+    FANOUT_METHODS,
     GIB,
     MAX_BUFFER_BYTES,
     ON_MISMATCH,
@@ -42,6 +43,7 @@ from .settings import (
     Failover,
     HealthCheck,
     InstanceSpec,
+    JournalSpec,
     Limits,
     PinStoreSpec,
     Timeouts,
@@ -320,6 +322,7 @@ _ROOT_ELEMENTS = (
     "Admin",
     "AccessLog",
     "PinStore",
+    "Journal",
 )
 
 
@@ -414,6 +417,14 @@ class _Reader:
         pin_store_el = one("PinStore")
         if pin_store_el is not None:
             fields["pin_store"] = self.pin_store(pin_store_el)
+        journal_el = one("Journal")
+        if journal_el is not None:
+            attrs = self.attributes(journal_el, required=("directory",))
+            self.no_text(journal_el)
+            text = attrs["directory"].strip()
+            if not text:
+                raise self.fail(journal_el.sourceline, "<Journal> attribute directory='' is empty; expected a directory path")
+            fields["journal"] = JournalSpec(directory=self.resolve(text))
         access_el = one("AccessLog")
         if access_el is not None:
             fields["access_log"] = self.access_log(access_el)
@@ -586,7 +597,7 @@ class _Reader:
         for el in _children(parent):
             if el.tag != "Request":
                 raise self.fail(el.sourceline, f"unknown element <{el.tag}> in <AllowedRequests>; expected <Request>")
-            attrs = self.attributes(el, required=("method",), optional=("repeatable",))
+            attrs = self.attributes(el, required=("method",), optional=("repeatable", "fanout"))
             method = attrs["method"]
             if method not in ALLOWED_METHODS:
                 raise self.fail(
@@ -606,7 +617,22 @@ class _Reader:
                 )
             seen[key] = el.sourceline or 0
             repeatable = self.value(el, "repeatable", attrs["repeatable"], boolean) if "repeatable" in attrs else None
-            result.append(AllowedRequest(method=method, path=path, line=el.sourceline or 0, repeatable=repeatable))
+            fanout = self.value(el, "fanout", attrs["fanout"], boolean) if "fanout" in attrs else False
+            if fanout and method not in FANOUT_METHODS:
+                raise self.fail(
+                    el.sourceline,
+                    f"<Request> {method} {path!r} has fanout='true', but a fan-out request must change something; "
+                    f"expected method one of: {', '.join(FANOUT_METHODS)}",
+                )
+            if fanout and repeatable:
+                raise self.fail(
+                    el.sourceline,
+                    f"<Request> {method} {path!r} has both fanout='true' and repeatable='true'; expected one: a fan-out "
+                    "write already reaches every instance, and is never sent to one in place of another",
+                )
+            result.append(
+                AllowedRequest(method=method, path=path, line=el.sourceline or 0, repeatable=repeatable, fanout=fanout)
+            )
         return tuple(result)
 
     # -- values --------------------------------------------------------------

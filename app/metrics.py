@@ -60,6 +60,18 @@ PIN_LEARNED = Counter("ctbalancer_pin_learned", "References learned on first con
 PIN_MISMATCH = Counter(
     "ctbalancer_pin_mismatch", "Connections refused for a certificate mismatch.", ["instance"], registry=_LOCAL
 )
+JOURNAL_REPLAYS = Counter(
+    "ctbalancer_journal_replays",
+    "Fan-out writes replayed to an instance that missed them, by result (delivered, missed, refused).",
+    ["instance", "result"],
+    registry=_LOCAL,
+)
+JOURNAL_DIVERGENCES = Counter(
+    "ctbalancer_journal_divergences",
+    "Replays an instance answered otherwise than the other instances, leaving it diverged.",
+    ["instance"],
+    registry=_LOCAL,
+)
 PIN_STORE_FAILURES = Counter(
     "ctbalancer_pin_store_failures",
     "Requests to the shared pin store (etcd) that no endpoint could carry out, by operation.",
@@ -124,9 +136,17 @@ class _NodeGauges:
         expiry = GaugeMetricFamily(
             "ctbalancer_pin_expiry_timestamp_seconds", "notAfter of the instance's reference certificate.", labels=["instance"]
         )
+        journal = self.balancer.journal
+        owed = journal.counts() if journal is not None else {}
+        pending = GaugeMetricFamily(
+            "ctbalancer_journal_pending", "Fan-out writes the instance still owes (journal length).", labels=["instance"]
+        )
         for upstream in self.balancer.upstreams:
             in_flight.add_metric([upstream.name], upstream.slots.in_flight)
-            up.add_metric([upstream.name], 1.0 if upstream.health.state == UP else 0.0)
+            withheld = journal is not None and journal.withheld(upstream.name) is not None
+            up.add_metric([upstream.name], 1.0 if upstream.health.state == UP and not withheld else 0.0)
+            if journal is not None:
+                pending.add_metric([upstream.name], owed.get(upstream.name, 0))
             der = self.balancer.store.known(upstream.spec.reference_name).der
             if der is not None:
                 expiry.add_metric([upstream.name], _not_after(der))
@@ -135,6 +155,8 @@ class _NodeGauges:
         yield in_flight
         yield up
         yield expiry
+        if journal is not None:
+            yield pending
         store = self.balancer.store.state()
         yield GaugeMetricFamily(
             "ctbalancer_pin_store_up",

@@ -30,6 +30,7 @@ from .errors import (
     json_body,
 )
 from .failover import exchange
+from .fanout import HEADER as FANOUT_HEADER, Result, fan_out
 from .headers import request_headers, response_headers, valid_host
 from .settings import Config, allows
 from .status import ReservedPaths
@@ -42,6 +43,8 @@ EXTENSION = "ctbalancer"
 REPEATABLE = "ctbalancer.repeatable"
 #: app.extensions key of a Map of the rules that do not end in '/' (see _match_shadowed).
 SLASHLESS = "ctbalancer.slashless"
+#: app.extensions key: the (rule, method) pairs of ``fanout="true"`` requests.
+FANOUT = "ctbalancer.fanout"
 ENDPOINT = "forward"
 
 #: Bytes read from a client's body at a time.
@@ -164,6 +167,15 @@ def forward(**_placeholders: str) -> Response:
             from_front_proxy=bool(config.front_proxy) and allows(config.front_proxy, remote_addr),
         )
         outgoing = Outgoing(method=req.method, target=g.target, headers=headers, body=None if body is None else body.content())
+        if balancer.journal is not None and _rule_pair(req) in extensions[FANOUT]:
+            result = fan_out(balancer, balancer.journal, outgoing)
+            accesslog.note(
+                req.environ,
+                instance=result.delivery.upstream.name,
+                attempts=result.applied,
+                bytes_in=0 if body is None else body.size,
+            )
+            return _relay_fanout(result)
         answer = exchange(balancer, outgoing, _repeatable(req, extensions[REPEATABLE]))
         accesslog.note(
             req.environ,
@@ -177,6 +189,18 @@ def forward(**_placeholders: str) -> Response:
         if body is not None:
             body.close()
     return _relay(answer, config)
+
+
+def _rule_pair(req: Request) -> tuple[str, str]:
+    return (req.url_rule.rule if req.url_rule is not None else "", req.method)
+
+
+def _relay_fanout(result: Result) -> Response:
+    """The answer of the first instance (configuration order) that applied the write, with the fan-out header."""
+    delivery = result.delivery
+    headers = Headers(delivery.headers)
+    headers[FANOUT_HEADER] = result.header
+    return Response(delivery.body, status=delivery.status, headers=headers)
 
 
 def _repeatable(req: Request, pairs: frozenset[tuple[str, str]]) -> bool:
@@ -322,6 +346,7 @@ def install(app: Flask, config: Config, balancer: Balancer) -> None:
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = True
     app.extensions[EXTENSION] = balancer
+    app.extensions[FANOUT] = frozenset((routing.to_rule(a.path), a.method) for a in config.allowed if a.fanout)
     app.extensions[REPEATABLE] = frozenset(
         (routing.to_rule(a.path), a.method) for a in config.allowed if a.safe_to_repeat
     )

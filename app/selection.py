@@ -61,9 +61,17 @@ C = TypeVar("C", bound=Candidate)
 class Selection(Generic[C]):
     """The instances of one worker, taken in turn."""
 
-    def __init__(self, instances: Sequence[C], freed: threading.Condition, start: int | None = None) -> None:
+    def __init__(
+        self,
+        instances: Sequence[C],
+        freed: threading.Condition,
+        start: int | None = None,
+        withheld: Callable[[C], str | None] | None = None,
+    ) -> None:
         self.instances = list(instances)
         self.freed = freed
+        #: Why an instance takes no request now apart from its health (it owes fan-out writes), or None.
+        self.withheld = withheld or (lambda instance: None)
         # Each worker starts at a random place in the turn, so that workers
         # that see little traffic do not all send their first requests to
         # the first instance.
@@ -108,7 +116,8 @@ class Queue(Generic[C]):
 
     def admissible(self) -> int:
         """How many instances of the queue could still be tried."""
-        return sum(1 for instance in self._order if instance.health.admissible())
+        withheld = self._selection.withheld
+        return sum(1 for instance in self._order if instance.health.admissible() and withheld(instance) is None)
 
     def take(self, wait_until: float, clock: Callable[[], float]) -> tuple[C, Ticket] | None:
         """The first instance that may take a request now, with its slot taken and its ticket; None when none.
@@ -118,10 +127,16 @@ class Queue(Generic[C]):
         requests in flight, waits for a slot until *wait_until*.
         """
         freed = self._selection.freed
+        withheld = self._selection.withheld
         with freed:
             while True:
                 busy = []
                 for instance in list(self._order):
+                    reason = withheld(instance)
+                    if reason is not None:
+                        self._order.remove(instance)
+                        self.reasons.append(f"{instance.name} is {reason}")
+                        continue
                     if not instance.health.admissible():
                         self._order.remove(instance)
                         self.reasons.append(f"{instance.name} is {instance.health.state}")

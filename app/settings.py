@@ -84,6 +84,9 @@ class AllowedRequest:
     line: int = field(default=0, compare=False)
     #: The ``repeatable`` attribute as written; None when absent.
     repeatable: bool | None = None
+    #: ``fanout="true"``: sent to every enabled instance, journaled for those
+    #: that miss it (docs/design.md, "Fan-out writes").
+    fanout: bool = False
 
     @property
     def safe_to_repeat(self) -> bool:
@@ -175,6 +178,18 @@ class TLSPolicy:
     min_version: str = "1.2"
 
 
+#: Methods a ``fanout="true"`` request may have: it must change something on the instances.
+FANOUT_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+@dataclass(frozen=True)
+class JournalSpec:
+    """The ``Journal`` element: where fan-out writes wait for the instances that missed them."""
+
+    #: None: ``journal`` beside CertDirPath (``<CertDirPath>/../journal``).
+    directory: Path | None = None
+
+
 #: Values of ``<PinStore type>``.
 PIN_STORE_TYPES = ("directory", "etcd")
 
@@ -252,6 +267,17 @@ class Config:
     access_log: str | None = None
     #: Where reference certificates are kept (PinStore).
     pin_store: PinStoreSpec = PinStoreSpec()
+    #: Where fan-out writes are journaled (Journal).
+    journal: JournalSpec = JournalSpec()
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.journal.directory or self.cert_dir.parent / "journal"
+
+    @property
+    def fanout(self) -> bool:
+        """Whether any allowed request is fanned out (then the journal is used)."""
+        return any(a.fanout for a in self.allowed)
 
     @property
     def enabled_instances(self) -> tuple[InstanceSpec, ...]:

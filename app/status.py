@@ -98,16 +98,20 @@ class ReservedPaths:
         upstreams = {u.spec: u for u in self.balancer.upstreams}
         shared = self.balancer.shared
         answers = metrics.instance_answers()
+        journal = self.balancer.journal
+        owed = journal.counts() if journal is not None else None
         return {
             "scope": "node",
             "workers": live_workers(shared) if shared is not None else [os.getpid()],
             "worker_pid": os.getpid(),
             "configuration": str(config.path),
             "pin_store": self.balancer.store.state(),
-            "instances": [self.instance(spec, upstreams.get(spec), answers) for spec in config.instances],
+            "instances": [self.instance(spec, upstreams.get(spec), answers, owed) for spec in config.instances],
         }
 
-    def instance(self, spec: InstanceSpec, upstream: Any, answers: dict[str, float]) -> dict[str, Any]:
+    def instance(
+        self, spec: InstanceSpec, upstream: Any, answers: dict[str, float], owed: dict[str, int] | None
+    ) -> dict[str, Any]:
         store = self.balancer.store
         entry = store.known(spec.reference_name)
         fingerprint = sha256(entry.der) if entry.der is not None else None
@@ -121,7 +125,11 @@ class ReservedPaths:
             error, error_at = health.last_error, health.last_error_at
             if state == UP and fingerprint is None and problem is None:
                 state = NOT_PINNED
-        return {
+            journal = self.balancer.journal
+            withheld = journal.withheld(spec.name) if journal is not None else None
+            if withheld is not None:
+                state = withheld  # owes fan-out writes, or diverged: takes no request whatever its health
+        fields = {
             "host": spec.host,
             "api_port": spec.api_port,
             "matching_port": spec.matching_port,
@@ -135,6 +143,9 @@ class ReservedPaths:
             "reference_sha256": fingerprint,
             "reference_error": problem,
         }
+        if owed is not None:
+            fields["journal_pending"] = owed.get(spec.name, 0)
+        return fields
 
 
 def _iso(timestamp: float | None) -> str | None:

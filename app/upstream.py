@@ -31,6 +31,7 @@ from .buffering import DiskBudget
 from .errors import BalancerError, InstanceError, InstanceFailed, InstanceTimeout, NoInstanceAvailable
 from .headers import host_header
 from .health import Health
+from .journal import Journal
 from .pinning import NotConnected, PinningAdapter, unverified_context
 from .pins import PinStore
 from .selection import Selection, Slots
@@ -304,7 +305,14 @@ class Balancer:
         self.upstreams = [
             Upstream(spec, store, config, self.ssl_context, self.freed) for spec in config.enabled_instances
         ]
-        self.selection = Selection(self.upstreams, self.freed)
+        #: The fan-out journal of this machine, when an allowed request is fanned out.
+        self.journal = Journal(config.journal_dir) if config.fanout else None
+        journal = self.journal
+        self.selection = Selection(
+            self.upstreams, self.freed, withheld=(lambda u: journal.withheld(u.name)) if journal is not None else None
+        )
+        #: Set by app.fanout once this worker's replay loop runs.
+        self.replaying = False
         #: The node's runtime directory (None for a single process such as flask run).
         self.shared = node_directory()
         #: Set by app.probe once this worker's probe loops run.

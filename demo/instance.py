@@ -1,11 +1,19 @@
 """A small HTTPS server that answers like a CyberTrace instance's REST API.
 
 Used by ``make demo`` and by the tests that need an instance in another
-process. ``GET /api/v.1.1/suppliers`` returns a JSON list of suppliers;
+process. ``GET /api/{version}/suppliers`` returns a JSON list of suppliers;
 ``/api/{version}/lookup`` echoes what it received; every request is appended
 to ``--log`` (one JSON object per line) so a test can count what arrived.
 
-    python demo/instance.py --port 9444 --cert c.pem --key k.pem --name A --log a.log
+Suppliers and their indicators are kept (:class:`Catalog`, saved to
+``--state`` when given), through the CyberTrace paths the fan-out writes use:
+
+    POST   /api/{version}/suppliers                        {"name": N, "format": F}: 201, or 409 if N exists
+    PUT    /api/{version}/suppliers/{name}/indicators      {"indicators": [...]}: adds them (200), 404 if no supplier
+    DELETE /api/{version}/suppliers/{name}/indicators      {"indicators": [...]}: removes them (200)
+    GET    /api/{version}/suppliers/{name}/indicators      the supplier's indicators, sorted
+
+    python demo/instance.py --port 9444 --cert c.pem --key k.pem --name A --log a.log --state a.json
     python demo/instance.py --make-cert c.pem k.pem --host 127.0.0.1
 """
 
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import ssl
 import sys
 import threading
@@ -65,6 +74,80 @@ def make_self_signed(cert_path: Path, key_path: Path, host: str = "127.0.0.1", n
     key_path.chmod(0o600)
 
 
+class Catalog:
+    """Suppliers and their indicators, as an instance keeps them; saved to *path* after each change when given.
+
+    Adding an indicator that is there, or removing one that is not, changes
+    nothing and answers the same: those writes are safe to apply twice.
+    Creating a supplier that exists answers 409: that one is not.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.suppliers: dict[str, dict] = {}
+        if path is not None and path.exists():
+            saved = json.loads(path.read_text())
+            self.suppliers = {n: {"format": v["format"], "indicators": set(v["indicators"])} for n, v in saved.items()}
+
+    def snapshot(self) -> dict[str, dict]:
+        """Every supplier with its format and sorted indicators: what two identical instances share."""
+        with self.lock:
+            return {n: {"format": v["format"], "indicators": sorted(v["indicators"])} for n, v in sorted(self.suppliers.items())}
+
+    def handle(self, method: str, path: str, body: bytes) -> tuple[int, object] | None:
+        """(status, JSON answer) for a catalog path; None for any other path."""
+        parts = path.split("/")
+        if len(parts) == 4 and parts[1] == "api" and parts[3] == "suppliers" and method == "POST":
+            data = _json_object(body)
+            name = data.get("name") if data else None
+            if not isinstance(name, str) or not name:
+                return 400, {"error": "expected a JSON object with a name"}
+            with self.lock:
+                if name in self.suppliers:
+                    return 409, {"error": f"supplier {name} exists"}
+                self.suppliers[name] = {"format": str(data.get("format", "json")), "indicators": set()}
+                self._save()
+            return 201, {"name": name}
+        if len(parts) == 6 and parts[1] == "api" and parts[3] == "suppliers" and parts[5] == "indicators":
+            name = parts[4]
+            with self.lock:
+                supplier = self.suppliers.get(name)
+                if supplier is None:
+                    return 404, {"error": f"no supplier {name}"}
+                if method == "GET":
+                    return 200, {"supplier": name, "indicators": sorted(supplier["indicators"])}
+                data = _json_object(body)
+                indicators = data.get("indicators") if data else None
+                if method not in ("PUT", "DELETE"):
+                    return 405, {"error": f"{method} is not allowed here"}
+                if not isinstance(indicators, list) or not all(isinstance(i, str) for i in indicators):
+                    return 400, {"error": "expected a JSON object with a list of indicators"}
+                if method == "PUT":
+                    supplier["indicators"].update(indicators)
+                else:
+                    supplier["indicators"].difference_update(indicators)
+                self._save()
+                return 200, {"supplier": name, "count": len(supplier["indicators"])}
+        return None
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({n: {"format": v["format"], "indicators": sorted(v["indicators"])}
+                                   for n, v in self.suppliers.items()}))
+        os.replace(tmp, self.path)
+
+
+def _json_object(body: bytes) -> dict | None:
+    try:
+        data = json.loads(body or b"null")
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "demo-instance"
@@ -111,8 +194,14 @@ class Handler(BaseHTTPRequestHandler):
         self._record(body)
         path = self.path.split("?", 1)[0]
         parts = path.split("/")
-        if path == "/api/v.1.1/suppliers" or (len(parts) == 4 and parts[1] == "api" and parts[3] == "suppliers"):
-            self._send_json(200, {"instance": self.server.name, "suppliers": SUPPLIERS})  # type: ignore[attr-defined]
+        server: InstanceServer = self.server  # type: ignore[assignment]
+        stored = server.catalog.handle(self.command, path, body)
+        if stored is not None:
+            self._send_json(*stored)
+        elif len(parts) == 4 and parts[1] == "api" and parts[3] == "suppliers":
+            kept = [{"name": n, "format": v["format"], "records": len(v["indicators"])}
+                    for n, v in server.catalog.snapshot().items()]
+            self._send_json(200, {"instance": server.name, "suppliers": SUPPLIERS + kept})
         elif len(parts) == 4 and parts[1] == "api" and parts[3] == "lookup":
             self._send_json(
                 200,
@@ -129,15 +218,16 @@ class InstanceServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], name: str, log_path: str | None) -> None:
+    def __init__(self, address: tuple[str, int], name: str, log_path: str | None, state: str | None = None) -> None:
         super().__init__(address, Handler)
         self.name = name
         self.log_path = log_path
         self.log_lock = threading.Lock()
+        self.catalog = Catalog(Path(state) if state else None)
 
 
-def serve(host: str, port: int, cert: str, key: str, name: str, log_path: str | None) -> None:
-    server = InstanceServer((host, port), name, log_path)
+def serve(host: str, port: int, cert: str, key: str, name: str, log_path: str | None, state: str | None = None) -> None:
+    server = InstanceServer((host, port), name, log_path, state)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     # The handshake happens in the connection's own thread, on its first read:
@@ -160,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key")
     parser.add_argument("--name", default="instance")
     parser.add_argument("--log")
+    parser.add_argument("--state", help="keep suppliers and indicators in this JSON file")
     parser.add_argument("--make-cert", nargs=2, metavar=("CERT", "KEY"), help="write a self-signed pair and exit")
     args = parser.parse_args(argv)
     if args.make_cert:
@@ -167,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (args.cert and args.key):
         parser.error("--cert and --key are required to serve")
-    serve(args.host, args.port, args.cert, args.key, args.name, args.log)
+    serve(args.host, args.port, args.cert, args.key, args.name, args.log, args.state)
     return 0
 
 

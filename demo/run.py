@@ -100,7 +100,8 @@ def start_instance(name: str, port: int, work: Path = WORK) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "demo.instance", "--host", "127.0.0.1", "--port", str(port),
          "--cert", str(work / f"instance_{name}.pem"), "--key", str(work / f"instance_{name}.key"),
-         "--name", name, "--log", str(work / f"instance_{name}.requests")],
+         "--name", name, "--log", str(work / f"instance_{name}.requests"),
+         "--state", str(work / f"instance_{name}.catalog.json")],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     wait_for_port(port, proc, f"instance {name}", logs=work)

@@ -63,7 +63,7 @@ INSTANCE_7 = '    <Instance enabled="false" matching_port="9999" api_port="443">
 REQUEST_10 = '    <Request method="GET">/api/v.1.1/suppliers</Request>\n'
 ROOT_ELEMENTS = (
     "Balancer, SSLCertificatePath, SSLPrivateKeyPath, CertDirPath, EventDelimiter, Instances, AllowedRequests, "
-    "Timeouts, Workers, Failover, HealthCheck, Limits, FrontProxy, TLS, Admin, AccessLog, PinStore"
+    "Timeouts, Workers, Failover, HealthCheck, Limits, FrontProxy, TLS, Admin, AccessLog, PinStore, Journal"
 )
 METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 XML_EXPECTED = "expected well-formed XML in UTF-8 or the declared encoding"
@@ -474,7 +474,7 @@ BROKEN = [
     param(
         "request-path-as-attribute",
         edit(REQUEST_10, '    <Request method="GET" path="/api/v.1.1/suppliers"/>\n'),
-        "{path}:10: <Request> has unknown attribute 'path'; expected: method, repeatable",
+        "{path}:10: <Request> has unknown attribute 'path'; expected: method, repeatable, fanout",
     ),
     param(
         "request-repeatable-yes",
@@ -495,6 +495,34 @@ BROKEN = [
         "unknown-element-in-allowedrequests",
         edit(REQUEST_10, '    <Allow method="GET">/api/v.1.1/suppliers</Allow>\n'),
         "{path}:10: unknown element <Allow> in <AllowedRequests>; expected <Request>",
+    ),
+    # -- fan-out writes and the Journal ---------------------------------------------------------------
+    param(
+        "fanout-and-repeatable",
+        edit(REQUEST_10, '    <Request method="PUT" fanout="true" repeatable="true">/api/{v}/suppliers/{s}/indicators</Request>\n'),
+        "{path}:10: <Request> PUT '/api/{{v}}/suppliers/{{s}}/indicators' has both fanout='true' and repeatable='true'; "
+        "expected one: a fan-out write already reaches every instance, and is never sent to one in place of another",
+    ),
+    param(
+        "fanout-get",
+        edit(REQUEST_10, '    <Request method="GET" fanout="true">/api/v.1.1/suppliers</Request>\n'),
+        "{path}:10: <Request> GET '/api/v.1.1/suppliers' has fanout='true', but a fan-out request must change "
+        "something; expected method one of: POST, PUT, PATCH, DELETE",
+    ),
+    param(
+        "fanout-not-boolean",
+        edit(REQUEST_10, '    <Request method="PUT" fanout="yes">/api/v.1.1/suppliers</Request>\n'),
+        "{path}:10: <Request> attribute fanout='yes' is not a boolean; expected true or false",
+    ),
+    param(
+        "journal-without-directory",
+        before_end("  <Journal/>"),
+        "{path}:13: <Journal> is missing attribute 'directory'; expected all of: directory",
+    ),
+    param(
+        "journal-empty-directory",
+        before_end('  <Journal directory=" "/>'),
+        "{path}:13: <Journal> attribute directory='' is empty; expected a directory path",
     ),
     # -- PinStore ----------------------------------------------------------------------------------------
     param(
@@ -1222,6 +1250,8 @@ def test_example_configuration_loads() -> None:
         AllowedRequest("GET", "/api/v.1.1/suppliers"),
         AllowedRequest("GET", "/api/{version}/suppliers"),
         AllowedRequest("POST", "/api/{version}/lookup", repeatable=True),
+        AllowedRequest("PUT", "/api/{version}/suppliers/{supplier}/indicators", fanout=True),
+        AllowedRequest("DELETE", "/api/{version}/suppliers/{supplier}/indicators", fanout=True),
     )
     assert (config.tls, config.timeouts, config.workers, config.event_delimiter) == (
         False,
