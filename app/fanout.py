@@ -29,6 +29,7 @@ import fcntl
 import http.client
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -246,6 +247,16 @@ def replay(balancer: "Balancer", journal: Journal, upstream: Upstream) -> str:
     """
     name = upstream.name
     timeouts = balancer.config.timeouts
+    spec = upstream.spec
+    # Not under the node's lock: an instance that is cooling down, or does not accept a
+    # connection now, must not hold up the client writes waiting for that lock.
+    if not upstream.health.admissible():
+        return "missed"
+    try:
+        socket.create_connection((spec.host, spec.api_port), timeout=timeouts.connect).close()
+    except OSError as exc:
+        upstream.health.failed(f"replay: {exc.strerror or exc}")
+        return "missed"
     while True:
         with journal.lock(timeouts.total):
             if name in journal.diverged():

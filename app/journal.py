@@ -38,6 +38,8 @@ from typing import IO, Any, Iterator
 
 import filelock
 
+from .pins import remove_stale_temporaries
+
 log = logging.getLogger(__name__)
 
 CATCHING_UP = "catching up"
@@ -121,6 +123,7 @@ class Journal:
               owed: list[str]) -> Write:
         """Record a new write, owed by *owed*, durably; call under :meth:`lock`. Raises JournalUnavailable."""
         try:
+            remove_stale_temporaries(self.directory, r"[^/]+")
             seq = self._last_sequence() + 1
             path = self.directory / f"{seq:012d}.json"
             write = Write(seq, method, target, [list(h) for h in headers], 0, time.time(), list(owed), None, path)

@@ -282,9 +282,9 @@ def _write_temporary(path: Path, der: bytes) -> Path:
     """A fsync-ed temporary file beside *path* holding *der* in PEM; the caller links or removes it.
 
     Called under the reference's lock, so it first removes what savers of
-    *path* that died left behind (:func:`_remove_stale_temporaries`).
+    *path* that died left behind (:func:`remove_stale_temporaries`).
     """
-    _remove_stale_temporaries(path)
+    remove_stale_temporaries(path.parent, re.escape(path.name))
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -298,32 +298,32 @@ def _write_temporary(path: Path, der: bytes) -> Path:
     return tmp
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete the ``.<name>.<pid>.<hex>.tmp`` files of *path* whose process is gone; call under the lock.
+def remove_stale_temporaries(directory: Path, name_pattern: str) -> None:
+    """Delete the ``.<name>.<pid>.<hex>.tmp`` files in *directory* whose process is gone; call under the lock.
 
-    A saver killed between creating its temporary file and unlinking it
-    (SIGKILL, the OOM killer) leaves one behind. Its name never ends in
-    ``.pem``, so nothing takes it for a reference; removing it at the next
-    save of the same reference keeps them from piling up (docs/design.md, "Hostile clients"). Under
-    the lock no live saver of this reference has one, but a file whose
-    process still runs is left alone all the same.
+    *name_pattern* is a regular expression for ``<name>``. A writer killed
+    between creating its temporary file and renaming or unlinking it
+    (SIGKILL, the OOM killer) leaves one behind. Its name is a dot-file
+    ending in ``.tmp``, so nothing takes it for a reference or a journal
+    record; removing it at the next write keeps them from piling up
+    (docs/design.md, "Hostile clients"). A file whose process still runs is
+    left alone.
     """
-    stale = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp")
+    stale = re.compile(rf"\.({name_pattern})\.(\d+)\.[0-9a-f]{{8}}\.tmp")
     try:
-        names = os.listdir(path.parent)
+        names = os.listdir(directory)
     except OSError:
         return  # the write that follows reports what is wrong with the directory
     for name in names:
         match = stale.fullmatch(name)
-        if match is None or _running(int(match.group(1))):
+        if match is None or _running(int(match.group(2))):
             continue
         try:
-            os.unlink(path.parent / name)
+            os.unlink(directory / name)
         except OSError:
-            continue  # removed by someone else, or not ours to remove: either way no reference
-        log.warning(
-            "removed %s, left by process %s that died while saving %s", path.parent / name, match.group(1), path
-        )
+            continue  # removed by someone else, or not ours to remove
+        log.warning("removed %s, left by process %s that died while saving %s", directory / name, match.group(2),
+                    directory / match.group(1))
 
 
 def _running(pid: int) -> bool:
