@@ -168,7 +168,7 @@ class Journal:
         """Every write still owed by someone, oldest first."""
         try:
             names = sorted(n for n in os.listdir(self.directory) if _RECORD.fullmatch(n))
-        except FileNotFoundError:
+        except OSError:
             return []
         found = []
         for name in names:
@@ -209,7 +209,7 @@ class Journal:
         try:
             st = os.stat(self.directory)
             seen = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        except FileNotFoundError:
+        except OSError:  # no journal yet, or none possible there: nothing is owed (writes get 503)
             seen = None
         if seen != self._seen:
             self._seen = seen

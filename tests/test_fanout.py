@@ -306,3 +306,39 @@ def _kill(balancer: Gunicorn, target: str) -> None:
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     if workers:
         os.kill(int(random.choice(workers)), signal.SIGKILL)
+
+
+def test_retry_after_the_operator_fixed_a_diverged_instance(tmp_path, catalogs, start_balancer):
+    a, b, c = catalogs(3)
+    config = fanout_config(tmp_path, (a, b, c), extra='  <Failover cooldown="0.5"/>\n')
+    balancer = start_balancer(config)
+    c.stop()
+    assert write(balancer.port, "POST", SUPPLIERS, {"name": "late"}).status == 201
+    c.catalog.handle("POST", SUPPLIERS, b'{"name": "late", "format": "csv"}')
+    c.restart()
+    wait_until(lambda: status_of(balancer.port)["instances"][2]["state"] == "diverged")
+    # The operator removes what was created by hand, then asks for the replay again.
+    del c.catalog.suppliers["late"]
+    env = {**os.environ, "BALANCER_CONFIG": str(config)}
+    retried = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "journal", "retry", f"127.0.0.1:{c.port}"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.splitlines()[-1] == f"127.0.0.1:{c.port}: replays start again within a second, oldest write first"
+    wait_until(lambda: status_of(balancer.port)["instances"][2]["state"] == "up")
+    assert [(m, p) for m, p, _ in c.writes()] == [("POST", SUPPLIERS), ("POST", SUPPLIERS)]  # refused, then applied
+    assert a.contents() == b.contents() == c.contents() == {"late": {"format": "json", "indicators": []}}
+
+
+def test_a_journal_that_cannot_be_written_refuses_the_write_with_nothing_sent(tmp_path, catalogs, start_balancer):
+    a, b = catalogs(2)
+    seed_supplier((a, b))
+    (tmp_path / "blocker").write_text("a file where the journal's parent directory should be")
+    balancer = start_balancer(fanout_config(tmp_path, (a, b), extra='  <Journal directory="blocker/journal"/>\n'))
+    resp = write(balancer.port, "PUT", INDICATORS, indicators("x"))
+    assert resp.status == 503
+    assert resp.json()["error"] == "journal_unavailable"
+    assert resp.header("Retry-After") == "5"
+    assert "blocker/journal cannot be used: Not a directory" in resp.json()["description"]
+    assert a.writes() == [] and b.writes() == []
+    # Lookups are not affected.
+    assert get(balancer.port, LOOKUP).status == 200
