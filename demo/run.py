@@ -10,7 +10,9 @@ Everything lives in ``.demo/`` and listens on loopback only:
 5. instance A restarted with a new certificate: the balancer refuses it with
    the 500 that names it and logs the ``pins trust`` command, the command is
    run, and A serves again; then the node's status;
-6. serving until Ctrl-C (``--once`` stops here instead).
+6. a fan-out write: a supplier created and indicators added through the
+   balancer, and each instance asked directly for what it holds: the same;
+7. serving until Ctrl-C (``--once`` stops here instead).
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ CONFIG = """<?xml version="1.0" encoding="utf-8"?>
     <Request method="GET">/api/v.1.1/suppliers</Request>
     <Request method="GET">/api/{{version}}/suppliers</Request>
     <Request method="POST">/api/{{version}}/lookup</Request>
+    <Request method="POST" fanout="true">/api/{{version}}/suppliers</Request>
+    <Request method="PUT" fanout="true">/api/{{version}}/suppliers/{{supplier}}/indicators</Request>
+    <Request method="DELETE" fanout="true">/api/{{version}}/suppliers/{{supplier}}/indicators</Request>
   </AllowedRequests>
   <Workers>2</Workers>
 </Config>
@@ -155,16 +160,43 @@ def rotate(procs: list[subprocess.Popen], ports: dict[str, int], api_port: int, 
             print(f"    {line}")
 
 
-def fetch(port: int, cafile: Path, path: str) -> tuple[int, str]:
-    context = ssl.create_default_context(cafile=str(cafile))
+def fetch(port: int, cafile: Path | None, path: str, method: str = "GET", body: bytes = b"") -> tuple[int, str]:
+    """(status, body) of one request over TLS; *cafile* None for an instance's self-signed certificate (not checked)."""
+    status, _, text = exchange(port, cafile, path, method, body)
+    return status, text
+
+
+def exchange(port: int, cafile: Path | None, path: str, method: str = "GET", body: bytes = b"") -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) of one request over TLS."""
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile else ssl._create_unverified_context()
+    head_lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    if body:
+        head_lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+            tls.sendall(("\r\n".join(head_lines) + "\r\n\r\n").encode() + body)
             data = b""
             while chunk := tls.recv(65536):
                 data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body.decode()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), fields, rest.decode()
+
+
+def fan_out_story(ports: dict[str, int], api_port: int, cafile: Path) -> None:
+    """A write through the balancer reaches both instances: they hold the same indicators."""
+    print("\nA fan-out write: a supplier and two indicators, through the balancer:")
+    for method, path, payload in (
+        ("POST", "/api/v1/suppliers", {"name": "demo-feed"}),
+        ("PUT", "/api/v1/suppliers/demo-feed/indicators", {"indicators": ["192.0.2.66", "evil.example"]}),
+    ):
+        status, fields, _ = exchange(api_port, cafile, path, method, json.dumps(payload).encode())
+        print(f"    {method} {path} -> {status}, X-CTBalancer-Fanout: {fields.get('X-CTBalancer-Fanout')}")
+    print("Each instance, asked directly:")
+    for name, port in ports.items():
+        status, body = fetch(port, None, "/api/v1/suppliers/demo-feed/indicators")
+        print(f"    instance {name}: {status} {json.loads(body).get('indicators')}")
 
 
 def main() -> int:
@@ -220,6 +252,7 @@ def main() -> int:
         for pem in sorted((WORK / "certs").glob("*.pem")):
             print(f"    {shown(pem)}  sha256 {sha256(read_reference(pem))}")
         rotate(procs, ports, api_port, cafile, config)
+        fan_out_story(ports, api_port, cafile)
         print(
             f"\nTry it:  curl --cacert {shown(cafile)} https://127.0.0.1:{api_port}/api/v.1.1/suppliers\n"
             f"Logs:    {shown(WORK)}/balancer.log"

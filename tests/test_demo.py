@@ -68,3 +68,21 @@ def test_fleet_demo_learns_once_and_trusts_once_for_both_balancers(tmp_path):
     assert "balancer 2: GET /api/v.1.1/suppliers -> 200, answered by instance A" in after
     # Everything it started is stopped.
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "fleet")], capture_output=True).stdout == b""
+
+
+def test_demo_shows_a_fan_out_write_reaching_both_instances(tmp_path):
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "demo.run", "--once", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "DEMO_DIR": str(tmp_path / "demo")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "POST /api/v1/suppliers -> 201, X-CTBalancer-Fanout: applied=2; pending=0" in out
+    assert "PUT /api/v1/suppliers/demo-feed/indicators -> 200, X-CTBalancer-Fanout: applied=2; pending=0" in out
+    assert "instance A: 200 ['192.0.2.66', 'evil.example']" in out
+    assert "instance B: 200 ['192.0.2.66', 'evil.example']" in out
