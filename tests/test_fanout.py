@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from app.pins import sha256
+
 from .support import ROOT, Gunicorn, config_port, get, write_config
 from .write_support import CatalogInstance
 
@@ -342,3 +344,28 @@ def test_a_journal_that_cannot_be_written_refuses_the_write_with_nothing_sent(tm
     assert a.writes() == [] and b.writes() == []
     # Lookups are not affected.
     assert get(balancer.port, LOOKUP).status == 200
+
+
+def test_a_certificate_mismatch_counts_as_not_received_until_the_reference_is_settled(tmp_path, ca, catalogs, start_balancer):
+    a, b = catalogs(2)
+    seed_supplier((a, b))
+    config = fanout_config(tmp_path, (a, b), extra='  <Failover cooldown="0.5"/>\n')
+    balancer = start_balancer(config)
+    assert write(balancer.port, "PUT", INDICATORS, indicators("first")).header("X-CTBalancer-Fanout") == "applied=2; pending=0"
+    b.restart(ca.issue_cert("127.0.0.1"))  # B's certificate changes: refused before any byte
+    resp = write(balancer.port, "PUT", INDICATORS, indicators("second"))
+    assert (resp.status, resp.header("X-CTBalancer-Fanout")) == (200, "applied=1; pending=1")
+    time.sleep(1.5)  # replays keep being refused by the pin check: nothing reaches B
+    assert [json.loads(body)["indicators"] for _, _, body in b.writes()] == [["first"]]
+    assert status_of(balancer.port)["instances"][1]["state"] == "catching up"
+
+    env = {**os.environ, "BALANCER_CONFIG": str(config)}
+    trusted = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "pins", "trust", f"127.0.0.1:{b.port}",
+         "--sha256", sha256(b.der)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert trusted.returncode == 0, trusted.stderr
+    wait_until(lambda: status_of(balancer.port)["instances"][1]["state"] == "up")
+    assert [json.loads(body)["indicators"] for _, _, body in b.writes()] == [["first"], ["second"]]
+    assert a.contents() == b.contents()
