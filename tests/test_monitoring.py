@@ -33,6 +33,9 @@ SERVED = {
     "ctbalancer_workers",
     "ctbalancer_pin_store_up",
     "ctbalancer_pin_store_failures_total",
+    "ctbalancer_journal_pending",
+    "ctbalancer_journal_replays_total",
+    "ctbalancer_journal_divergences_total",
 }
 
 
@@ -44,10 +47,10 @@ def names(expr: str) -> set[str]:
 def test_promtool_accepts_the_rules() -> None:
     done = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 5 rules found" in done.stdout
+    assert "SUCCESS: 6 rules found" in done.stdout
 
 
-def test_rules_alert_on_the_five_conditions_with_served_metrics() -> None:
+def test_rules_alert_on_the_six_conditions_with_served_metrics() -> None:
     text = RULES.read_text()
     alerts = re.findall(r"- alert: (\w+)\n\s+expr: (.+)", text)
     assert [a for a, _ in alerts] == [
@@ -56,6 +59,7 @@ def test_rules_alert_on_the_five_conditions_with_served_metrics() -> None:
         "CtbalancerReferenceExpiringSoon",
         "CtbalancerNoInstanceAvailable",
         "CtbalancerPinStoreUnreachable",
+        "CtbalancerJournalBacklog",
     ]
     for _, expr in alerts:
         assert names(expr) and names(expr) <= SERVED, expr
@@ -72,7 +76,8 @@ def test_dashboard_queries_only_served_metrics() -> None:
 def test_the_served_metric_names_are_the_documented_ones() -> None:
     defined = {m._name + "_total" for m in (metrics.REQUESTS, metrics.ERRORS, metrics.INSTANCE_REQUESTS,
                                              metrics.INSTANCE_FAILURES, metrics.PIN_LEARNED, metrics.PIN_MISMATCH,
-                                             metrics.PIN_STORE_FAILURES)}
+                                             metrics.PIN_STORE_FAILURES, metrics.JOURNAL_REPLAYS,
+                                             metrics.JOURNAL_DIVERGENCES)}
     assert defined | {metrics.RESPONSE_SECONDS._name + "_bucket", "ctbalancer_instance_in_flight", "ctbalancer_instance_up",
                       "ctbalancer_pin_expiry_timestamp_seconds", "ctbalancer_workers",
-                      "ctbalancer_pin_store_up"} == SERVED
+                      "ctbalancer_pin_store_up", "ctbalancer_journal_pending"} == SERVED
