@@ -38,7 +38,7 @@ from typing import IO, Any, Iterator
 
 import filelock
 
-from .pins import remove_stale_temporaries
+from .pins import fsync_dir, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Journal:
         for path in (write.path, write.body_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def writes(self) -> list[Write]:
         """Every write still owed by someone, oldest first."""
@@ -277,16 +277,8 @@ class Journal:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _temporary(self, path: Path) -> Path:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -262,7 +262,21 @@ def replace_reference(path: Path, der: bytes) -> None:
         os.replace(tmp, path)
     finally:
         _unlink_quietly(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def link_new(path: Path, der: bytes) -> None:
+    """Create *path* holding *der*, only if it does not exist (FileExistsError), never partly; under the lock.
+
+    A fsync-ed temporary file ``os.link``-ed to its final name: the link fails
+    if another worker won the race (docs/design.md, "Reference certificates").
+    """
+    tmp = _write_temporary(path, der)
+    try:
+        os.link(tmp, path)
+    finally:
+        _unlink_quietly(tmp)
+    fsync_dir(path.parent)
 
 
 def delete_reference(path: Path) -> bool:
@@ -274,7 +288,7 @@ def delete_reference(path: Path) -> bool:
         os.unlink(path)
     except FileNotFoundError:
         return False
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 
@@ -561,12 +575,7 @@ class DirectoryStore(PinStore):
             current = self.look(name)
             if current.der is not None or current.problem is not None:
                 return False, current
-            tmp = _write_temporary(path, der)
-            try:
-                os.link(tmp, path)
-            finally:
-                _unlink_quietly(tmp)
-            _fsync_dir(self.cert_dir)
+            link_new(path, der)
             return True, self.look(name)
 
     def replace(self, name: str, der: bytes, seen: Entry) -> bool:
@@ -711,13 +720,8 @@ class DirectoryStore(PinStore):
     def _save(self, instance: InstanceSpec, path: Path, der: bytes) -> Reference:
         """Create *path* holding *der*, only if absent; never a partial file."""
         try:
-            tmp = _write_temporary(path, der)
-            try:
-                os.link(tmp, path)
-                signature = _signature(os.stat(path))
-            finally:
-                _unlink_quietly(tmp)
-            _fsync_dir(self.cert_dir)
+            link_new(path, der)
+            signature = _signature(os.stat(path))
         except FileExistsError:
             # Created by someone who does not take our lock (an operator, or
             # another host sharing the directory): compare against theirs.
@@ -752,7 +756,8 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the names created, renamed or removed in directory *path* durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -24,7 +24,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from app.pins import sha256
 from demo.instance import make_self_signed
-from demo.run import ROOT, fetch, free_port, shown, start_instance, stop_all, wait_for_port
+from demo.run import ROOT, fetch, free_port, serve_until_stopped, shown, start_instance, stop_all, wait_for_port
 
 WORK = Path(os.environ.get("FLEET_DEMO_DIR") or ROOT / ".fleet-demo").resolve()
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
@@ -204,14 +203,7 @@ def main() -> int:
             print(f"balancer {number}: GET /_balancer/status -> {status}: pin store {store['type']} {store['state']}, "
                   f"{store['references']} references at revision {store['revision']}")
         print(f"\nLogs: {shown(WORK)}/balancer-*/balancer.log, {shown(WORK)}/etcd_*.log")
-        if args.once:
-            return 0
-        print("Serving until Ctrl-C.")
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        print(f"fleet-demo: a process stopped; see the logs in {shown(WORK)}", file=sys.stderr)
-        return 1
+        return 0 if args.once else serve_until_stopped(procs, "fleet-demo", WORK)
     except KeyboardInterrupt:
         print("\nStopping.")
         return 0

@@ -257,19 +257,22 @@ def main() -> int:
             f"\nTry it:  curl --cacert {shown(cafile)} https://127.0.0.1:{api_port}/api/v.1.1/suppliers\n"
             f"Logs:    {shown(WORK)}/balancer.log"
         )
-        if args.once:
-            return 0
-        print("Serving until Ctrl-C.")
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        print(f"demo: a process stopped; see the logs in {shown(WORK)}", file=sys.stderr)
-        return 1
+        return 0 if args.once else serve_until_stopped(procs, "demo", WORK)
     except KeyboardInterrupt:
         print("\nStopping.")
         return 0
     finally:
         stop_all(procs)
+
+
+def serve_until_stopped(procs: list[subprocess.Popen], what: str, work: Path) -> int:
+    """Wait for Ctrl-C (KeyboardInterrupt) or SIGTERM; 1 if one of *procs* stops first."""
+    print("Serving until Ctrl-C.")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while all(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    print(f"{what}: a process stopped; see the logs in {shown(work)}", file=sys.stderr)
+    return 1
 
 
 def _port_is_free(port: int) -> bool:

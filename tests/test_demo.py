@@ -6,22 +6,37 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+from .etcd_support import require_etcd
 from .support import ROOT, free_port
 
 
-def test_demo_answers_through_both_instances_and_shows_references(tmp_path):
-    port = free_port()
+def run_demo(module: str, directory_variable: str, directory: Path, *args: str) -> str:
+    """``python -m MODULE --once ARGS`` as make runs it, in its own directory; its output."""
     result = subprocess.run(
-        [sys.executable, "-m", "demo.run", "--once", "--port", str(port)],
+        [sys.executable, "-m", module, "--once", *args],
         cwd=ROOT,
-        env={**os.environ, "DEMO_DIR": str(tmp_path / "demo")},
+        env={**os.environ, directory_variable: str(directory)},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_output(tmp_path_factory) -> tuple[int, str]:
+    """One `make demo --once` run, shared by the tests that read its story."""
+    port = free_port()
+    return port, run_demo("demo.run", "DEMO_DIR", tmp_path_factory.mktemp("demo"), "--port", str(port))
+
+
+def test_demo_answers_through_both_instances_and_shows_references(demo_output):
+    port, out = demo_output
     assert f"Balancer: https://127.0.0.1:{port}" in out
     assert "GET /api/v.1.1/suppliers -> 200, answered by instance A:" in out
     assert "GET /api/v.1.1/suppliers -> 200, answered by instance B:" in out
@@ -42,19 +57,8 @@ def test_demo_answers_through_both_instances_and_shows_references(tmp_path):
 
 
 def test_fleet_demo_learns_once_and_trusts_once_for_both_balancers(tmp_path):
-    from .etcd_support import require_etcd
-
     require_etcd()
-    result = subprocess.run(
-        [sys.executable, "-m", "demo.fleet", "--once"],
-        cwd=ROOT,
-        env={**os.environ, "FLEET_DEMO_DIR": str(tmp_path / "fleet")},
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+    out = run_demo("demo.fleet", "FLEET_DEMO_DIR", tmp_path / "fleet")
     for number in (1, 2):
         for name in ("A", "B"):
             assert f"balancer {number}: GET /api/v.1.1/suppliers -> 200, answered by instance {name}" in out
@@ -70,18 +74,8 @@ def test_fleet_demo_learns_once_and_trusts_once_for_both_balancers(tmp_path):
     assert subprocess.run(["pgrep", "-f", str(tmp_path / "fleet")], capture_output=True).stdout == b""
 
 
-def test_demo_shows_a_fan_out_write_reaching_both_instances(tmp_path):
-    port = free_port()
-    result = subprocess.run(
-        [sys.executable, "-m", "demo.run", "--once", "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, "DEMO_DIR": str(tmp_path / "demo")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+def test_demo_shows_a_fan_out_write_reaching_both_instances(demo_output):
+    _port, out = demo_output
     assert "POST /api/v1/suppliers -> 201, X-CTBalancer-Fanout: applied=2; pending=0" in out
     assert "PUT /api/v1/suppliers/demo-feed/indicators -> 200, X-CTBalancer-Fanout: applied=2; pending=0" in out
     assert "instance A: 200 ['192.0.2.66', 'evil.example']" in out
