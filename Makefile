@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha256sum requirements.txt | cut -c1-12)
 
-.PHONY: venv test check demo fleet-demo bench soak hostile clean etcd
+.PHONY: venv test check demo fleet-demo bench bench-fanout soak hostile clean etcd
 
 venv: $(STAMP)
 
@@ -50,6 +50,11 @@ bench: $(STAMP)
 		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y nginx wrk; \
 	fi
 	$(BIN)/python bench/run.py
+
+# Fan-out writes against the same write forwarded to one instance and sent
+# directly (bench/fanout.py; FANOUT_WRITES=100 for a short run).
+bench-fanout: $(STAMP)
+	$(BIN)/python bench/fanout.py
 
 # Soak: 10 minutes of mixed load through 4 workers while the two instances take
 # turns restarting every minute and one rotates its certificate (bench/soak.py;
