@@ -608,6 +608,11 @@ def journal_list_command() -> None:
         else:
             state = "up to date"
         click.echo(f"{name}  {state}, owes {owed} write(s)")
+    enabled = {i.name for i in config.enabled_instances}
+    for name in sorted((set(counts) | set(diverged)) - enabled):
+        # Disabled or removed since: a disabled one gets them when enabled again.
+        click.echo(f"{name}  not an enabled instance, owes {counts.get(name, 0)} write(s); "
+                   f"flask --app wsgi journal drop {name} forgets them")
 
 
 @journal.command("show")
@@ -615,8 +620,8 @@ def journal_list_command() -> None:
 def journal_show_command(name: str) -> None:
     """The writes HOST[:PORT] owes, oldest first, and why it diverged if it did."""
     config = _config()
-    instance = resolve(config, name)
     book = _journal(config)
+    instance = _journaled(config, book, name)
     diverged = book.diverged().get(instance.name)
     owed = book.owed(instance.name)
     click.echo(f"{instance.name}: owes {len(owed)} write(s)")
@@ -638,8 +643,8 @@ def journal_show_command(name: str) -> None:
 def journal_retry_command(name: str) -> None:
     """Replay to a diverged HOST[:PORT] again, from the write it refused (after fixing the instance)."""
     config = _config()
-    instance = resolve(config, name)
     book = _journal(config)
+    instance = _journaled(config, book, name)
     with _journal_lock(book, config):
         cleared = book.clear_diverged(instance.name)
     if not cleared:
@@ -654,8 +659,8 @@ def journal_retry_command(name: str) -> None:
 def journal_drop_command(name: str, yes: bool) -> None:
     """Drop every write HOST[:PORT] owes and let it take requests again: you made it identical by hand."""
     config = _config()
-    instance = resolve(config, name)
     book = _journal(config)
+    instance = _journaled(config, book, name)
     owed = book.owed(instance.name)
     diverged = instance.name in book.diverged()
     if not owed and not diverged:
@@ -671,6 +676,21 @@ def journal_drop_command(name: str, yes: bool) -> None:
             book.settle(write, [instance.name])
         book.clear_diverged(instance.name)
     click.echo(f"dropped {len(dropped)} write(s) owed by {instance.name}; it takes requests again")
+
+
+def _journaled(config: Config, book: Any, name: str) -> InstanceSpec:
+    """The configured instance *name* designates, or, for one no longer configured, its name in the journal."""
+    try:
+        return resolve(config, name)
+    except PinsError as exc:
+        if exc.exit_code != EXIT_UNKNOWN:
+            raise
+        host, port = parse_name(name)
+        if port is not None:
+            gone = InstanceSpec(host=host, api_port=port, matching_port=0, enabled=False)
+            if gone.name in book.counts() or gone.name in book.diverged():
+                return gone
+        raise
 
 
 @contextlib.contextmanager
