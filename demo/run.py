@@ -269,6 +269,8 @@ def serve_until_stopped(procs: list[subprocess.Popen], what: str, work: Path) ->
     """Wait for Ctrl-C (KeyboardInterrupt) or SIGTERM; 1 if one of *procs* stops first."""
     print("Serving until Ctrl-C.")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Ctrl-C even when started where SIGINT is ignored (in the background of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     while all(p.poll() is None for p in procs):
         time.sleep(0.5)
     print(f"{what}: a process stopped; see the logs in {shown(work)}", file=sys.stderr)

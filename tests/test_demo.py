@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,38 @@ def test_demo_shows_a_fan_out_write_reaching_both_instances(demo_output):
     assert "PUT /api/v1/suppliers/demo-feed/indicators -> 200, X-CTBalancer-Fanout: applied=2; pending=0" in out
     assert "instance A: 200 ['192.0.2.66', 'evil.example']" in out
     assert "instance B: 200 ['192.0.2.66', 'evil.example']" in out
+
+
+def test_ctrl_c_stops_everything_the_fleet_demo_started(tmp_path):
+    """As in a terminal: SIGINT to the demo's whole process group (etcd, instances, balancers too)."""
+    require_etcd()
+    work = tmp_path / "fleet"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "demo.fleet"],
+        cwd=ROOT,
+        env={**os.environ, "FLEET_DEMO_DIR": str(work)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith("Serving until Ctrl-C."):
+                break
+        assert lines and lines[-1].startswith("Serving until Ctrl-C."), "".join(lines)
+        group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        # The demo, three etcd members, two instances, two gunicorn masters and their four workers.
+        assert len(group) >= 12, group
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    assert rest.splitlines()[-1] == "Stopping."
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert left == []
