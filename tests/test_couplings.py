@@ -203,3 +203,25 @@ def test_gunicorn_uses_its_c_parser() -> None:
     cfg = GunicornConfig()
     cfg.set("http_parser", "fast")
     assert _check_fast_parser(cfg) is True
+
+
+def test_urllib3_reads_every_answer_through_the_connections_getresponse() -> None:
+    """PinningHTTPSConnection.getresponse asks for quick ACKs: urllib3 must call it, without arguments, per request."""
+    source = inspect.getsource(HTTPSConnectionPool._make_request)
+    assert "conn.getresponse()" in source
+
+
+def test_ack_at_once_sets_tcp_quickack_on_a_tcp_socket() -> None:
+    from app.pinning import ack_at_once
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        with socket.create_connection(server.getsockname()) as client:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 0)
+            ack_at_once(client)
+            assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
+    a, b = socket.socketpair()  # not TCP: nothing to do, and no error
+    with a, b:
+        ack_at_once(a)
+    ack_at_once(None)
