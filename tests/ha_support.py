@@ -1,4 +1,4 @@
-"""Misbehaving and killable instances, and a bounded load, for the high-availability tests (issue #4)."""
+"""Misbehaving and killable instances, and a bounded load, for the high-availability tests (docs/design.md, "Failover")."""
 
 from __future__ import annotations
 

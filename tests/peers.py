@@ -1,4 +1,4 @@
-"""Hostile and misbehaving peers for the reliability tests (issue #7).
+"""Hostile and misbehaving peers for the reliability tests (docs/design.md, "Hostile clients").
 
 Small threaded socket servers, each recording every byte it receives after
 the TLS handshake, so a test can assert that *nothing* of a request reached

@@ -127,7 +127,7 @@ def write_config(
 
 @dataclass
 class Gunicorn:
-    """``gunicorn -c gunicorn.conf.py wsgi:app`` in its own process, as DESIGN section 2 runs it."""
+    """``gunicorn -c gunicorn.conf.py wsgi:app`` in its own process, as docs/design.md, "Running", runs it."""
 
     config: Path
     port: int

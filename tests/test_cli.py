@@ -1,4 +1,4 @@
-"""``flask --app wsgi pins ...`` against real HTTPS instances and real reference files (issue #5)."""
+"""``flask --app wsgi pins ...`` against real HTTPS instances and real reference files (docs/design.md, "Reference certificates")."""
 
 from __future__ import annotations
 

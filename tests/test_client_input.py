@@ -1,4 +1,4 @@
-"""Bad input from clients, and bad answers from an instance, against one real gunicorn balancer (issue #7).
+"""Bad input from clients, and bad answers from an instance, against one real gunicorn balancer (docs/design.md, "Hostile clients").
 
 The instance is a :class:`~tests.peers.RawInstance`: it parses HTTP/1.1 itself
 and keeps every request it received, complete or not, so each test can

@@ -1,7 +1,7 @@
 """kl_balancer.conf: every unusable file is refused with one exact line; valid ones become frozen objects.
 
 The broken files are real files under ``tmp_path``, loaded with ``app.loader.load``; each case
-asserts the whole message, file path and line number included (DESIGN section 1). The start-up
+asserts the whole message, file path and line number included (docs/design.md, "Configuration"). The start-up
 commands are run as subprocesses, as an operator runs them.
 """
 
@@ -990,7 +990,7 @@ def test_external_entities_and_dtds_are_never_opened(tmp_path: Path, doctype: st
 
 # -- valid files ---------------------------------------------------------------------------------------
 
-# DESIGN section 1's example, with comments in odd places; no Timeouts or Workers (defaults).
+# A whole file in the vendor's format, with comments in odd places; no Timeouts or Workers (defaults).
 FULL = """\
 <?xml version="1.0" encoding="utf-8"?>
 <!-- the root element's name is not checked; <!DOCTYPE> in a comment is just text -->
@@ -1335,7 +1335,7 @@ def test_start_up_stops_with_one_line_on_a_missing_configuration(tmp_path: Path,
 
 
 def test_gunicorn_conf_loads_neither_ssl_nor_http_libraries(tmp_path: Path) -> None:
-    """gunicorn.conf.py runs in the master: ssl loaded there breaks gevent's patching (DESIGN section 7)."""
+    """gunicorn.conf.py runs in the master: ssl loaded there breaks gevent's patching (docs/design.md, "Traps")."""
     path = write(tmp_path, BASE)
     code = (
         "import runpy,sys; runpy.run_path('gunicorn.conf.py'); "

@@ -1,4 +1,4 @@
-"""Failover through a real gunicorn balancer (issue #4): what is sent again, what is not, and when.
+"""Failover through a real gunicorn balancer (docs/design.md, "Failover"): what is sent again, what is not, and when.
 
 Instances are real TLS servers on loopback: pytest-httpserver, scripted servers that misbehave on
 purpose (tests/ha_support.py), and instance processes killed with SIGKILL. Waits are bounded, never

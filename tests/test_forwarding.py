@@ -1,4 +1,4 @@
-"""Forwarding through a real gunicorn balancer to real HTTPS instances (DESIGN section 5)."""
+"""Forwarding through a real gunicorn balancer to real HTTPS instances (docs/design.md, "Which requests pass")."""
 
 from __future__ import annotations
 

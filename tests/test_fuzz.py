@@ -1,4 +1,4 @@
-"""Property tests (hypothesis): the configuration loader and the request-target rules (issue #7).
+"""Property tests (hypothesis): the configuration loader and the request-target rules (docs/design.md, "Hostile clients").
 
 Bounded in CI (200 examples per property); ``HYPOTHESIS_PROFILE=long`` runs
 20000 (see :mod:`tests.hypothesis_profiles`).

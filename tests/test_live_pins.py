@@ -1,4 +1,4 @@
-"""Reference changes picked up by running workers, without a restart (issue #5).
+"""Reference changes picked up by running workers, without a restart (docs/design.md, "Reference certificates").
 
 The instances here keep connections open (HTTP/1.1 keep-alive; pytest-httpserver
 closes every connection) and record, for each request, which TLS connection
@@ -42,7 +42,7 @@ class KeepAliveInstance:
     ``rotate(cert)`` does what restarting the instance with a new certificate
     does to the balancer: every open connection is closed and new ones get
     *cert*. The port keeps listening throughout: a real restart also refuses
-    connections for a moment, which is the failover's business (issue #4),
+    connections for a moment, which is the failover's business (docs/design.md, "Failover"),
     not the pins'.
     """
 

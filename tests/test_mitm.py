@@ -1,4 +1,4 @@
-"""Someone between the balancer and an instance, after the genuine certificate was learned (issue #7).
+"""Someone between the balancer and an instance, after the genuine certificate was learned (docs/design.md, "Reference certificates").
 
 Each test first lets the balancer meet the real instance (a pytest-httpserver
 HTTPS instance with a trustme certificate), so the reference file holds the

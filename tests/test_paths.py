@@ -1,4 +1,4 @@
-"""Request-target spellings, byte for byte, against one real gunicorn balancer (DESIGN section 5).
+"""Request-target spellings, byte for byte, against one real gunicorn balancer (docs/design.md, "Which requests pass").
 
 Every row is sent over a raw socket, so no client library normalises the
 target on the way. A refused row must leave the instance untouched; a passing

@@ -1,4 +1,4 @@
-"""The pin store under faults (issue #7): processes killed while saving, CertDirPath unusable, damaged references.
+"""The pin store under faults (docs/design.md, "Reference certificates"): processes killed while saving, CertDirPath unusable, damaged references.
 
 A save is stopped at each of its steps by :mod:`tests.savepause` (installed
 in a forked child, or as ``sitecustomize`` in a gunicorn started with

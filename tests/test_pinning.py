@@ -1,4 +1,4 @@
-"""Trust on first use, end to end: gunicorn, real instances, real reference files (DESIGN section 3)."""
+"""Trust on first use, end to end: gunicorn, real instances, real reference files (docs/design.md, "Reference certificates")."""
 
 from __future__ import annotations
 

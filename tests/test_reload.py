@@ -1,4 +1,4 @@
-"""SIGHUP on the gunicorn master re-reads kl_balancer.conf without dropping a request (issue #4).
+"""SIGHUP on the gunicorn master re-reads kl_balancer.conf without dropping a request (docs/design.md, "Configuration").
 
 gunicorn runs gunicorn.conf.py again in the master, forks new workers and lets the old ones finish
 what they hold. A file that does not load is refused there, and the workers forked afterwards keep

@@ -1,4 +1,4 @@
-"""The soak (bench/soak.py, issue #7): its rules for what is expected, and a short run through 4 gunicorn workers."""
+"""The soak (bench/soak.py): its rules for what is expected, and a short run through 4 gunicorn workers."""
 
 from __future__ import annotations
 

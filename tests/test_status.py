@@ -1,4 +1,4 @@
-"""/_balancer/health and /_balancer/status, reserved paths, active probes (issue #4, DESIGN section 6)."""
+"""/_balancer/health and /_balancer/status, reserved paths, active probes (docs/design.md, "Reserved paths")."""
 
 from __future__ import annotations
 
