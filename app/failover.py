@@ -137,6 +137,33 @@ class Outcome:
     reason: str = ""
 
 
+def send_once(
+    upstream: Upstream, outgoing: Outgoing, timeout: tuple[float, float], limit: int, slot_with_answer: bool
+) -> Outcome:
+    """Send *outgoing* to *upstream* once and classify what happened; no slot, no verdict.
+
+    An answer's body is read whole inside the attempt when its length is
+    known and at most *limit* (``Answer.body``), else left on the connection;
+    with *slot_with_answer* the answer then gives the instance's slot back
+    when it is closed. The one classification of an attempt, for requests
+    (:class:`Attempt`) and fan-out writes (:func:`app.fanout.deliver`).
+    """
+    try:
+        outgoing.rewind()
+        response = upstream.send(outgoing.prepare(upstream), timeout)
+        body = upstream.read_small(response, limit)
+    except NotSent as exc:
+        return Outcome(NOT_SENT, reason=exc.reason)
+    except CertificateMismatch as exc:
+        return Outcome(MISMATCH, error=exc, reason=f"certificate mismatch (received sha256 {exc.fields['received_sha256']})")
+    except InstanceError as exc:  # the reference cannot be read or saved: the pin check refused
+        return Outcome(REFERENCE, error=exc, reason=exc.code)
+    except AfterSend as exc:
+        kind = TIMEOUT if isinstance(exc.error, InstanceTimeout) else DROPPED if exc.dropped else FAILED
+        return Outcome(kind, error=exc.error, reason=exc.reason)
+    return Outcome(ANSWER, answer=Answer(response, upstream, body, holds_slot=slot_with_answer and body is None))
+
+
 class Attempt:
     """One try of one instance, holding its ``scanners_count`` slot and health ticket.
 
@@ -163,27 +190,16 @@ class Attempt:
     def run(self, outgoing: Outgoing, timeout: tuple[float, float], policy: Failover) -> Outcome:
         """Send *outgoing* and classify what happened."""
         upstream = self.upstream
-        try:
-            outgoing.rewind()
-            response = upstream.send(outgoing.prepare(upstream), timeout)
-            body = upstream.read_small(response, policy.buffer_bytes)
-        except NotSent as exc:
-            return Outcome(NOT_SENT, reason=exc.reason)
-        except CertificateMismatch as exc:
-            return Outcome(MISMATCH, error=exc, reason=f"certificate mismatch (received sha256 {exc.fields['received_sha256']})")
-        except InstanceError as exc:  # the reference cannot be read or saved: the pin check refused
-            return Outcome(REFERENCE, error=exc, reason=exc.code)
-        except AfterSend as exc:
-            kind = TIMEOUT if isinstance(exc.error, InstanceTimeout) else DROPPED if exc.dropped else FAILED
-            return Outcome(kind, error=exc.error, reason=exc.reason)
-        if body is None:
-            self._holds_slot = False  # the answer's body is still on the connection: its close() frees the slot
-        else:
+        outcome = send_once(upstream, outgoing, timeout, policy.buffer_bytes, slot_with_answer=True)
+        if outcome.answer is None:
+            return outcome
+        self._holds_slot = False
+        if outcome.answer.body is not None:
             upstream.slots.release()  # read whole: the slot and the connection go back now
-            self._holds_slot = False
-        answer = Answer(response, upstream, body, holds_slot=body is None)
-        kind = RETRY if response.status_code in policy.retry_statuses else ANSWER
-        return Outcome(kind, answer=answer)
+        # else the answer's body is still on the connection: its close() frees the slot
+        if outcome.answer.response.status_code in policy.retry_statuses:
+            outcome.kind = RETRY
+        return outcome
 
     def judge(self, verdict: str, reason: str) -> None:
         ticket = self.ticket
@@ -235,7 +251,7 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
                     metrics.RESPONSE_SECONDS.labels(upstream.name).observe(outcome.answer.head_seconds)
                 if outcome.error is not None:
                     outcome.error.attempts = attempts
-                _count(upstream.name, outcome)
+                count(upstream.name, outcome)
                 if outcome.kind in (NOT_SENT, MISMATCH):
                     deadline.spent_connecting(deadline.clock() - started)
                 used = id(upstream) in second_chances
@@ -286,7 +302,8 @@ def exchange(balancer: Balancer, outgoing: Outgoing, repeatable: bool) -> Answer
 _FAILURE_REASONS = {DROPPED: "dropped", FAILED: "invalid_answer", TIMEOUT: "timeout", MISMATCH: "mismatch"}
 
 
-def _count(instance: str, outcome: Outcome) -> None:
+def count(instance: str, outcome: Outcome) -> None:
+    """The metrics of one attempt's outcome: the answer's status, or the failure's reason."""
     if outcome.answer is not None:
         metrics.INSTANCE_REQUESTS.labels(instance, str(outcome.answer.response.status_code)).inc()
         return

@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 import urllib3.exceptions
 
 from . import metrics
-from .errors import BalancerError, FanoutInconsistent, JournalFailed, NoInstanceAvailable
+from .errors import FanoutInconsistent, JournalFailed, NoInstanceAvailable
+from .failover import MISMATCH, NOT_SENT, REFERENCE, count, send_once
 from .headers import response_headers
 from .journal import CATCHING_UP, Journal, JournalUnavailable, Write
-from .upstream import AfterSend, NotSent, Outgoing, Upstream
+from .upstream import Outgoing, Upstream
 
 if TYPE_CHECKING:
     from .upstream import Balancer
@@ -81,12 +82,13 @@ class Delivery:
 def deliver(upstream: Upstream, write: Write, connect: float, read: float) -> Delivery:
     """Send *write*, its body read from the journal, to *upstream* over its own pinned connection.
 
-    A certificate mismatch, an unreadable reference or an unreachable pin
+    Classified and counted as any attempt (:func:`app.failover.send_once`,
+    :func:`app.failover.count`), without a ``scanners_count`` slot. A
+    certificate mismatch, an unreadable reference or an unreachable pin
     store refuse the connection before any byte: the write was not received.
     So were writes sent to an instance that then failed without a complete
     answer; replaying them must be safe (docs/design.md, "Fan-out writes").
     """
-    spec = upstream.spec
     with open(write.body_path, "rb") as body:
         outgoing = Outgoing(
             method=write.method,
@@ -94,30 +96,27 @@ def deliver(upstream: Upstream, write: Write, connect: float, read: float) -> De
             headers=[(name, value) for name, value in write.headers],
             body=body if write.size else None,
         )
-        try:
-            response = upstream.send(outgoing.prepare(upstream), (connect, read))
-        except NotSent as exc:
-            upstream.health.failed(exc.reason)
-            metrics.INSTANCE_FAILURES.labels(upstream.name, "tls" if "TLS" in exc.reason else "connect").inc()
-            return Delivery(upstream, reason=exc.reason)
-        except AfterSend as exc:
-            metrics.INSTANCE_FAILURES.labels(upstream.name, "timeout" if "timeout" in exc.reason else "dropped").inc()
-            return Delivery(upstream, reason=exc.reason)
-        except BalancerError as exc:  # the pin check refused the connection: nothing was sent
-            if exc.code == "certificate_mismatch":
-                metrics.PIN_MISMATCH.labels(upstream.name).inc()
-            return Delivery(upstream, reason=exc.code)
-        try:
+        outcome = send_once(upstream, outgoing, (connect, read), ANSWER_LIMIT, slot_with_answer=False)
+    count(upstream.name, outcome)
+    answer = outcome.answer
+    if answer is None:
+        if outcome.kind == NOT_SENT:
+            upstream.health.failed(outcome.reason)
+        refused = outcome.kind in (MISMATCH, REFERENCE) and outcome.error is not None
+        return Delivery(upstream, reason=outcome.error.code if refused else outcome.reason)  # type: ignore[union-attr]
+    response = answer.response
+    try:
+        data = answer.body
+        if data is None:  # length unknown (chunked) or over the limit
             data = response.raw.read(ANSWER_LIMIT + 1, decode_content=False)
             if len(data) > ANSWER_LIMIT:
                 return Delivery(upstream, reason=f"answer larger than {ANSWER_LIMIT} bytes")
-        except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
-            return Delivery(upstream, reason=f"answer cut off ({type(exc).__name__})")
-        finally:
-            response.close()
+    except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
+        return Delivery(upstream, reason=f"answer cut off ({type(exc).__name__})")
+    finally:
+        answer.close()
     upstream.health.succeeded()
-    metrics.INSTANCE_REQUESTS.labels(upstream.name, str(response.status_code)).inc()
-    log.debug("write %s delivered to %s: %s", write.seq, spec.name, response.status_code)
+    log.debug("write %s delivered to %s: %s", write.seq, upstream.name, response.status_code)
     return Delivery(upstream, response.status_code, response_headers(response.raw.headers.items()), data)
 
 
