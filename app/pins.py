@@ -257,12 +257,7 @@ def replace_reference(path: Path, der: bytes) -> None:
     the new one, never a partial file. Running workers notice the new file
     within :data:`RECHECK_INTERVAL`.
     """
-    tmp = _write_temporary(path, der)
-    try:
-        os.replace(tmp, path)
-    finally:
-        _unlink_quietly(tmp)
-    fsync_dir(path.parent)
+    _publish(path, der, os.replace)
 
 
 def link_new(path: Path, der: bytes) -> None:
@@ -271,9 +266,14 @@ def link_new(path: Path, der: bytes) -> None:
     A fsync-ed temporary file ``os.link``-ed to its final name: the link fails
     if another worker won the race (docs/design.md, "Reference certificates").
     """
+    _publish(path, der, os.link)
+
+
+def _publish(path: Path, der: bytes, place: Callable[[Path, Path], None]) -> None:
+    """Write *der* to a fsync-ed temporary file beside *path*, *place* it there (rename or link), fsync the directory."""
     tmp = _write_temporary(path, der)
     try:
-        os.link(tmp, path)
+        place(tmp, path)
     finally:
         _unlink_quietly(tmp)
     fsync_dir(path.parent)
